@@ -1,0 +1,204 @@
+"""The layer-by-layer block runner that every calibration-based method and block score uses.
+
+It captures everything each block is called with (positional args and keyword args such as
+``position_embeddings`` or a per-layer sliding-window mask) in one cheap pass where every
+block is replaced by a recorder, then runs one block at a time over the calibration samples.
+Activations live on the CPU between blocks; only the block being run is moved to ``device``.
+
+Memory: the accelerator holds one block plus one batch of activations; the host holds the
+inputs of the current block for all samples (``n × seqlen × hidden`` floats — 32 × 2048 ×
+8192 × 4 bytes ≈ 2 GiB for a 70B Llama) and the weights, which ``transformers`` memory-maps
+from safetensors. So a 70B model is compressed on a GPU that holds one of its blocks
+(≈ 1.7 GiB in bfloat16), not the 140 GiB of the whole model.
+
+A method plugs in as a :class:`BlockVisitor`: ``targets`` names the modules whose inputs it
+wants, ``observe`` receives those inputs batch by batch (through forward pre-hooks that are
+always removed), and ``compress`` changes the block once all samples went through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimformer.errors import SlimformerError
+from slimformer.models.adapters import Adapter
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder to skip the final norm and head during capture."""
+
+
+class BlockVisitor(Protocol):
+    """What a calibration method tells the runner; see the module docstring."""
+
+    def targets(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
+        """Modules of block ``index`` whose inputs to observe, by name."""
+        ...
+
+    def observe(self, name: str, module: nn.Module, inputs: torch.Tensor) -> None:
+        """One batch of inputs of a target module (on the run device)."""
+        ...
+
+    def compress(self, index: int, block: nn.Module) -> bool:
+        """Change the block after all samples went through it; return whether it changed."""
+        ...
+
+
+@dataclass
+class BlockCall:
+    """The arguments one block receives for one batch, besides its hidden states."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+def _move(obj: Any, device: torch.device | str, memo: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """Move the tensors inside ``obj`` to ``device``; tensors shared between calls stay shared."""
+    if isinstance(obj, torch.Tensor):
+        hit = memo.get(id(obj))
+        if hit is None:
+            hit = memo[id(obj)] = (obj, obj.to(device))  # keep obj alive so its id is not reused
+        return hit[1]
+    if isinstance(obj, tuple):
+        return tuple(_move(x, device, memo) for x in obj)
+    if isinstance(obj, list):
+        return [_move(x, device, memo) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _move(v, device, memo) for k, v in obj.items()}
+    return obj
+
+
+def _outer_to(adapter: Adapter, device: torch.device | str) -> None:
+    """Move every parameter and buffer that is not inside a block (embeddings, rotary, head)."""
+    in_blocks = {id(m) for block in adapter.blocks for m in block.modules()}
+    for module in adapter.model.modules():
+        if id(module) in in_blocks:
+            continue
+        for name, p in module.named_parameters(recurse=False):
+            p.data = p.data.to(device)
+        for name, b in module.named_buffers(recurse=False):
+            module._buffers[name] = b.to(device)
+
+
+def batches_of(samples: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Split an ``(n, seqlen)`` tensor of token ids into batches."""
+    if samples.ndim != 2 or samples.shape[0] == 0:
+        raise SlimformerError("calibration samples must be a non-empty (n, seqlen) tensor of token ids")
+    return list(samples.split(batch_size))
+
+
+@torch.no_grad()
+def capture(adapter: Adapter, batches: Sequence[torch.Tensor], device: str = "cpu") -> tuple[list, list]:
+    """Record the inputs of every block for every batch, without running any block.
+
+    Returns ``(hidden, calls)``: the hidden states entering block 0 (one CPU tensor per
+    batch) and ``calls[block][batch]``, each block's other arguments.
+    """
+    blocks = adapter.blocks
+    hidden: list[torch.Tensor] = []
+    calls: list[list[BlockCall]] = [[] for _ in blocks]
+    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def recorder(index: int):
+        def forward(hidden_states, *args, **kwargs):
+            if index == 0:
+                hidden.append(hidden_states.to("cpu"))
+            calls[index].append(BlockCall(_move(args, "cpu", memo), _move(kwargs, "cpu", memo)))
+            if index == len(blocks) - 1:
+                raise _StopForward
+            return hidden_states
+
+        return forward
+
+    _outer_to(adapter, device)
+    try:
+        for i, block in enumerate(blocks):
+            block.forward = recorder(i)  # an instance attribute shadows the class's forward
+        for ids in batches:
+            with contextlib.suppress(_StopForward):
+                adapter.model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+        _outer_to(adapter, "cpu")
+    return hidden, calls
+
+
+@contextlib.contextmanager
+def observing(visitor: BlockVisitor, targets: dict[str, nn.Module]) -> Iterator[None]:
+    """Send the inputs of ``targets`` to ``visitor.observe`` while the block runs; always unhook."""
+    handles = []
+    try:
+        for name, module in targets.items():
+
+            def hook(mod, args, _name=name):
+                visitor.observe(_name, mod, args[0])
+
+            handles.append(module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class BlockRunner:
+    """Runs a model one block at a time over calibration samples; see the module docstring.
+
+    >>> runner = BlockRunner(adapter, samples)          # samples: (n, seqlen) token ids
+    >>> runner.run(visitor)                             # calibrate + compress every block
+    """
+
+    def __init__(
+        self,
+        adapter: Adapter,
+        samples: torch.Tensor,
+        *,
+        batch_size: int = 1,
+        device: str = "cpu",
+        progress: bool = True,
+    ):
+        self.adapter = adapter
+        self.device = torch.device(device)
+        self.progress = progress
+        self.hidden, self.calls = capture(adapter, batches_of(samples, batch_size), device)
+
+    @torch.no_grad()
+    def forward_block(self, index: int, hidden: Sequence[torch.Tensor], block: nn.Module | None = None) -> list:
+        """Run block ``index`` (or a stand-in ``block``) over every batch; outputs come back on the CPU."""
+        block = self.adapter.blocks[index] if block is None else block
+        memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        outs = []
+        for h, call in zip(hidden, self.calls[index]):
+            out = block(h.to(self.device), *_move(call.args, self.device, memo), **_move(call.kwargs, self.device, memo))
+            out = out[0] if isinstance(out, tuple) else out
+            outs.append(out.to("cpu"))
+        return outs
+
+    def run(self, visitor: BlockVisitor | None = None, *, propagate: str = "compressed", desc: str = "blocks") -> list:
+        """Run every block in order, letting ``visitor`` observe and compress each one.
+
+        ``propagate="compressed"`` feeds each block's outputs *after* compression to the next
+        block (as Wanda and SparseGPT do); ``"dense"`` feeds the outputs it had before.
+        Returns the hidden states leaving the last block (before the final norm).
+        """
+        if propagate not in ("compressed", "dense"):
+            raise SlimformerError(f"propagate must be 'compressed' or 'dense', not '{propagate}'")
+        hidden = self.hidden
+        for i in tqdm(range(len(self.adapter.blocks)), desc=desc, disable=not self.progress):
+            block = self.adapter.blocks[i]
+            block.to(self.device)
+            targets = visitor.targets(i, block) if visitor else {}
+            with observing(visitor, targets) if targets else contextlib.nullcontext():
+                outs = self.forward_block(i, hidden)
+            if visitor and visitor.compress(i, block) and propagate == "compressed":
+                outs = self.forward_block(i, hidden)
+            block.to("cpu")
+            hidden = outs
+        return hidden

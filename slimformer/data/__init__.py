@@ -1,0 +1,6 @@
+"""Data: named text sources read from a data directory, tokenisation, calibration samples."""
+
+from slimformer.data.sources import SOURCES_HELP, data_dir, load_text, tokenize
+from slimformer.data.sampling import calibration_samples, sample_windows
+
+__all__ = ["SOURCES_HELP", "calibration_samples", "data_dir", "load_text", "sample_windows", "tokenize"]

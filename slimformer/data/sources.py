@@ -1,0 +1,114 @@
+"""Named text sources: WikiText-2 from the data directory (or the hub), plain text files, jsonl files.
+
+The data directory is ``$SLIMFORMER_DATA``; without it, ``../shared/data`` next to the
+working directory or the source checkout, when one exists. WikiText-2 is built as GPTQ,
+SparseGPT, Wanda and SLEB build it: the split's rows (the lines of the raw file, blank ones
+empty) joined by ``"\\n\\n"``, so perplexities compare with published ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from slimformer.errors import SlimformerError
+
+SOURCES_HELP = "wikitext2[:test|valid], text:PATH (or PATH.txt), jsonl:PATH[:FIELD] (or PATH.jsonl)"
+_WIKITEXT_SPLITS = {"test": "test", "valid": "valid", "validation": "valid"}
+_ENV = "SLIMFORMER_DATA"
+
+
+def _default_dirs() -> list[Path]:
+    checkout = Path(__file__).resolve().parents[2]
+    return [Path.cwd() / ".." / "shared" / "data", checkout / ".." / "shared" / "data"]
+
+
+def data_dir(required: bool = False) -> Path | None:
+    """The data directory: ``$SLIMFORMER_DATA``, else ``../shared/data`` when it exists, else None."""
+    env = os.environ.get(_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise SlimformerError(f"data directory {path} (from ${_ENV}) does not exist")
+        return path
+    for path in _default_dirs():
+        if path.is_dir():
+            return path.resolve()
+    if required:
+        looked = ", ".join(str(p.resolve()) for p in _default_dirs())
+        raise SlimformerError(f"no data directory: looked in {looked}; set {_ENV}=/path/to/data")
+    return None
+
+
+def wikitext2_rows(split: str) -> list[str]:
+    """The rows of a WikiText-2 raw split as the Hugging Face builder yields them."""
+    if split not in _WIKITEXT_SPLITS:
+        raise SlimformerError(f"unknown wikitext2 split '{split}'; choose test or valid")
+    root = data_dir()
+    if root is None:
+        return _wikitext2_from_hub(split)
+    path = root / "wikitext-2-raw-v1" / f"wiki.{_WIKITEXT_SPLITS[split]}.raw"
+    if not path.is_file():
+        raise SlimformerError(f"WikiText-2 not found at {path}; set {_ENV} to a folder holding wikitext-2-raw-v1/")
+    with path.open(encoding="utf-8") as f:
+        return [line if line.strip() else "" for line in f]
+
+
+def _wikitext2_from_hub(split: str) -> list[str]:
+    looked = ", ".join(str(p.resolve()) for p in _default_dirs())
+    try:
+        import datasets  # optional: only for machines without a data directory
+    except ImportError:
+        raise SlimformerError(
+            f"no data directory (looked in {looked}) and no 'datasets' package for the hub; set {_ENV}=/path/to/data"
+        ) from None
+    hub_split = "validation" if _WIKITEXT_SPLITS[split] == "valid" else "test"
+    try:
+        return list(datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hub_split)["text"])
+    except Exception as e:  # the hub is unreachable: say where we looked instead of a stack trace
+        raise SlimformerError(
+            f"no data directory (looked in {looked}) and the hub failed ({type(e).__name__}); set {_ENV}=/path/to/data"
+        ) from None
+
+
+def _read_jsonl(path: Path, field: str) -> str:
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(json.loads(line)[field])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise SlimformerError(f"{path}:{n}: not a JSON object with a '{field}' field") from None
+    return "\n\n".join(texts)
+
+
+def load_text(source: str) -> str:
+    """The text of a named source; see ``SOURCES_HELP`` for the forms."""
+    kind, _, rest = source.partition(":")
+    if kind == "wikitext2":
+        return "\n\n".join(wikitext2_rows(rest or "test"))
+    if kind in ("text", "jsonl"):
+        path_str, field = rest, "text"
+        if kind == "jsonl" and ":" in rest and not Path(rest).exists():
+            path_str, _, field = rest.rpartition(":")
+    elif source.endswith((".txt", ".jsonl")):
+        kind, path_str, field = ("jsonl" if source.endswith(".jsonl") else "text"), source, "text"
+    else:
+        raise SlimformerError(f"unknown data source '{source}'; use {SOURCES_HELP}")
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise SlimformerError(f"data file not found: {path}")
+    text = _read_jsonl(path, field) if kind == "jsonl" else path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise SlimformerError(f"data source '{source}' is empty")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of a whole text as a ``(1, L)`` tensor, with the tokenizer's usual special tokens."""
+    return tokenizer(text, return_tensors="pt", verbose=False).input_ids

