@@ -13,12 +13,25 @@ from safetensors. So a 70B model is compressed on a GPU that holds one of its bl
 
 A method plugs in as a :class:`BlockVisitor`: ``targets`` names the modules whose inputs it
 wants, ``observe`` receives those inputs batch by batch (through forward pre-hooks that are
-always removed), and ``compress`` changes the block once all samples went through it.
+always removed), and ``compress`` changes one module once every sample went through it.
+
+Three ways to feed a block's outputs to the next (``propagate``):
+
+- ``"compressed"`` (Wanda's and SparseGPT's reference code): one pass observes every target
+  with the dense block, the targets are compressed, a second pass computes the outputs.
+- ``"sequential"``: one pass. Each sample runs in its own thread, one thread computing at a
+  time; at every target all samples wait until the last one has been observed, the module is
+  compressed, and they go on, so later modules observe the outputs of compressed earlier ones
+  (the "true sequential" order of the GPTQ/SparseGPT code) and the pass ends with compressed
+  outputs. It halves the block compute of ``"compressed"``; its cost is memory: each waiting
+  sample keeps its partial activations (about 40 MB per 2048-token sample for a 135M model).
+- ``"dense"``: one pass; the outputs of the dense block feed the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,8 +59,8 @@ class BlockVisitor(Protocol):
         """One batch of inputs of a target module (on the run device)."""
         ...
 
-    def compress(self, index: int, block: nn.Module) -> bool:
-        """Change the block after all samples went through it; return whether it changed."""
+    def compress(self, name: str, module: nn.Module) -> None:
+        """Change one target after every sample's inputs to it were observed."""
         ...
 
 
@@ -131,6 +144,19 @@ def capture(adapter: Adapter, batches: Sequence[torch.Tensor], device: str = "cp
     return hidden, calls
 
 
+PROPAGATE = ("compressed", "sequential", "dense")
+
+
+class _Hooked:
+    """Adapts a pre-hook function to the ``observe`` call of :func:`observing`."""
+
+    def __init__(self, hook):
+        self.hook = hook
+
+    def observe(self, name, module, inputs):
+        self.hook(module, (inputs,))
+
+
 @contextlib.contextmanager
 def observing(visitor: BlockVisitor, targets: dict[str, nn.Module]) -> Iterator[None]:
     """Send the inputs of ``targets`` to ``visitor.observe`` while the block runs; always unhook."""
@@ -182,23 +208,71 @@ class BlockRunner:
         return outs
 
     def run(self, visitor: BlockVisitor | None = None, *, propagate: str = "compressed", desc: str = "blocks") -> list:
-        """Run every block in order, letting ``visitor`` observe and compress each one.
+        """Run every block in order, letting ``visitor`` observe and compress its targets.
 
-        ``propagate="compressed"`` feeds each block's outputs *after* compression to the next
-        block (as Wanda and SparseGPT do); ``"dense"`` feeds the outputs it had before.
-        Returns the hidden states leaving the last block (before the final norm).
+        ``propagate`` is ``"compressed"``, ``"sequential"`` or ``"dense"`` (see the module
+        docstring). Returns the hidden states leaving the last block (before the final norm).
         """
-        if propagate not in ("compressed", "dense"):
-            raise SlimformerError(f"propagate must be 'compressed' or 'dense', not '{propagate}'")
+        if propagate not in PROPAGATE:
+            raise SlimformerError(f"propagate must be one of {', '.join(PROPAGATE)}, not '{propagate}'")
         hidden = self.hidden
         for i in tqdm(range(len(self.adapter.blocks)), desc=desc, disable=not self.progress):
             block = self.adapter.blocks[i]
             block.to(self.device)
             targets = visitor.targets(i, block) if visitor else {}
-            with observing(visitor, targets) if targets else contextlib.nullcontext():
-                outs = self.forward_block(i, hidden)
-            if visitor and visitor.compress(i, block) and propagate == "compressed":
-                outs = self.forward_block(i, hidden)
+            if targets and propagate == "sequential":
+                hidden = self._forward_sequential(i, hidden, visitor, targets)
+            else:
+                with observing(visitor, targets) if targets else contextlib.nullcontext():
+                    outs = self.forward_block(i, hidden)
+                for name, module in targets.items():
+                    visitor.compress(name, module)
+                hidden = self.forward_block(i, hidden) if targets and propagate == "compressed" else outs
             block.to("cpu")
-            hidden = outs
         return hidden
+
+    def _forward_sequential(self, index: int, hidden: list, visitor: BlockVisitor, targets: dict) -> list:
+        """One pass where each target is compressed once every sample has reached it."""
+        n = len(hidden)
+        baton = threading.Lock()  # one sample computes at a time: no oversubscribed cores
+        stage: list = []
+        barrier = threading.Barrier(n, action=lambda: visitor.compress(*stage))
+        names = {id(m): name for name, m in targets.items()}
+        done: set[str] = set()
+        outs: list = [None] * n
+        errors: list[BaseException] = []
+
+        def hook(module, args):
+            name = names[id(module)]
+            if name in done:  # a module called twice per forward is compressed once
+                return
+            visitor.observe(name, module, args[0])
+            stage[:] = [name, module]
+            baton.release()
+            try:
+                barrier.wait()
+            finally:
+                baton.acquire()
+            done.add(name)
+
+        def work(j: int) -> None:
+            try:
+                with torch.no_grad(), baton:  # grad mode is per thread
+                    outs[j] = self.forward_block(index, hidden[j : j + 1])[0]
+            except BaseException as e:  # noqa: BLE001 - re-raised by the caller below
+                errors.append(e)
+                barrier.abort()
+
+        with observing(_Hooked(hook), targets):
+            threads = [threading.Thread(target=work, args=(j,), daemon=True) for j in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+        if errors:
+            raise (real or errors)[0]
+        for name, module in targets.items():
+            if name not in done:  # never called in the forward: compress with what was seen
+                visitor.compress(name, module)
+        return outs

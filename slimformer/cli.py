@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # loading takes a second; our own bars show the long work
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -161,7 +161,10 @@ def load_model(
         raise SlimformerError(f"cannot load model config from '{spec}': {str(e).splitlines()[0]}") from None
     family = family_for(config.model_type)
     cls = _model_class(head, family.kind)
-    model = cls.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True, **common, **model_kwargs)
+    try:
+        model = cls.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True, **common, **model_kwargs)
+    except OSError as e:  # most often: only pickled (.bin) weights, which we refuse to unpickle
+        raise SlimformerError(f"cannot load safetensors weights from '{spec}': {str(e).splitlines()[0]}") from None
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=get_adapter(model), source=str(source))

@@ -1,0 +1,99 @@
+"""What every method shares: the registry, module selection by name, and the result record.
+
+A method is a frozen config dataclass with a ``method`` name plus one function
+``fn(adapter, config, samples) -> MethodResult`` registered against the config type with
+:func:`register`. The CLI, recipes and reports know only this protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from slimformer.errors import SlimformerError
+from slimformer.models.adapters import Adapter
+
+_HANDLERS: dict[type, Callable] = {}
+METHODS: dict[str, type] = {}
+
+
+def register(config_cls: type) -> Callable:
+    """Register ``fn`` as the handler of ``config_cls`` (and its ``method`` name)."""
+
+    def wrap(fn: Callable) -> Callable:
+        _HANDLERS[config_cls] = fn
+        METHODS[config_cls.method] = config_cls
+        return fn
+
+    return wrap
+
+
+@dataclass
+class MethodResult:
+    """What a method did: its config, per-module details, wall time and peak resident memory."""
+
+    method: str
+    config: dict[str, Any]
+    seconds: float = 0.0
+    peak_rss_gib: float = 0.0
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far, in GiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def apply(adapter: Adapter, config, samples: torch.Tensor | None = None) -> MethodResult:
+    """Run the method of ``config`` on the adapted model; time it and record peak memory."""
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise SlimformerError(f"no method registered for {type(config).__name__}")
+    start = time.perf_counter()
+    result = handler(adapter, config, samples)
+    result.seconds = time.perf_counter() - start
+    result.peak_rss_gib = peak_rss_gib()
+    return result
+
+
+def config_dict(config) -> dict[str, Any]:
+    """A config as plain data, its method name first."""
+    return {"method": config.method, **dataclasses.asdict(config)}
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def select_linears(
+    adapter: Adapter, targets: tuple[str, ...] = (), ignore: tuple[str, ...] = ()
+) -> dict[str, nn.Module]:
+    """Linear (and GPT-2 Conv1D) modules by fully-qualified name.
+
+    Without ``targets``, every projection inside the blocks (so ``lm_head`` and embeddings
+    stay dense); with them, any Linear of the model whose name equals a target, ends with
+    ``.target``, or fully matches a ``re:``-prefixed regex. ``ignore`` uses the same rules.
+    """
+    prefix = adapter.block_prefix + "."
+    chosen = {}
+    for name, module in adapter.model.named_modules():
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        wanted = any(_matches(name, t) for t in targets) if targets else name.startswith(prefix)
+        if wanted and not any(_matches(name, p) for p in ignore):
+            chosen[name] = module
+    if not chosen:
+        raise SlimformerError(f"no Linear module matches targets {list(targets)} (ignoring {list(ignore)})")
+    return chosen

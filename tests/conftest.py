@@ -1,0 +1,78 @@
+"""Tiny random models of every supported family, built in memory, and a word-level tokenizer for them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+    RobertaConfig,
+)
+
+VOCAB = 128
+# Shared shape: hidden 32, 4 heads of 8, 2 KV heads where the family has GQA, 3 blocks.
+_DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+_SLIDING = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+_ENCODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                num_attention_heads=4, max_position_embeddings=64)
+
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**_DECODER),
+    "mistral": lambda: MistralConfig(**_DECODER, sliding_window=8),
+    "qwen2": lambda: Qwen2Config(**_DECODER, use_sliding_window=True, **_SLIDING),
+    "qwen3": lambda: Qwen3Config(**_DECODER, head_dim=8),
+    "gemma": lambda: GemmaConfig(**_DECODER, head_dim=8),
+    "gemma2": lambda: Gemma2Config(**_DECODER, head_dim=8, **_SLIDING),
+    "gemma3": lambda: Gemma3TextConfig(**_DECODER, head_dim=8, **_SLIDING),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64),
+    "opt": lambda: OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=3,
+                             num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32),
+    "bert": lambda: BertConfig(**_ENCODER),
+    "roberta": lambda: RobertaConfig(**_ENCODER, pad_token_id=1),
+}
+DECODERS = [name for name in TINY_CONFIGS if name not in ("bert", "roberta")]
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A random model of ``family`` in eval mode: a causal LM for decoders, the bare encoder otherwise."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[family]()
+    cls = AutoModel if family in ("bert", "roberta") else AutoModelForCausalLM
+    return cls.from_config(config).eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary: words ``w0 .. w127``, ``w0`` also unknown."""
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0")
+
+
+def random_ids(n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """``(n, seqlen)`` random token ids of the tiny vocabulary."""
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=list(TINY_CONFIGS))
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=DECODERS)
+def decoder_family(request) -> str:
+    return request.param

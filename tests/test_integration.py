@@ -1,0 +1,64 @@
+"""The bundled real models: SmolLM2-135M (GGUF, Llama) and MiniLM-L6 (BERT), on a few short windows."""
+
+import json
+
+import pytest
+import torch
+
+from slimformer import load_model
+from slimformer.calibration import BlockRunner
+from slimformer.data import load_text, sample_windows, tokenize
+from slimformer.evaluation import perplexity
+from slimformer.models import loading
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model("smollm2-135m")
+
+
+def test_gguf_is_converted_once_and_cached_as_plain_safetensors(smollm, monkeypatch):
+    cached = loading.gguf_checkpoint(loading.resolve_alias("smollm2-135m"))
+    assert smollm.source == str(cached)
+    config = json.loads((cached / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    assert (cached / "model.safetensors").is_file()
+    monkeypatch.setattr(loading, "AutoModelForCausalLM", None)  # a second conversion would crash
+    assert loading.gguf_checkpoint(loading.resolve_alias("smollm2-135m")) == cached
+
+
+def test_smollm_shape(smollm):
+    assert smollm.adapter.family.name == "llama"
+    assert smollm.adapter.shape() == {"layers": 30, "heads": 9, "kv_heads": 3, "intermediate": 1536}
+
+
+def test_smollm_perplexity_on_short_windows(smollm):
+    ids = tokenize(smollm.tokenizer, load_text("wikitext2:test"))
+    assert ids.shape[-1] > 300_000
+    result = perplexity(smollm.model, ids, seqlen=256, windows=3, progress=False)
+    with torch.no_grad():
+        nll = [torch.nn.functional.cross_entropy(smollm.model(input_ids=ids[:, w * 256 : (w + 1) * 256]).logits[0, :-1],
+                                                 ids[0, w * 256 + 1 : (w + 1) * 256]).item() for w in range(3)]
+    assert result.perplexity == pytest.approx(torch.tensor(nll).mean().exp().item(), rel=1e-5)
+    assert 5 < result.perplexity < 60  # a trained model, not a random one (vocabulary 49,152)
+
+
+def test_smollm_blocks_replay_the_forward(smollm):
+    samples = sample_windows(tokenize(smollm.tokenizer, load_text("wikitext2:valid")), 2, 64, seed=0)
+    adapter = smollm.adapter
+    hidden = torch.cat(BlockRunner(adapter, samples, progress=False).run())
+    with torch.no_grad():
+        expected = smollm.model(input_ids=samples).logits
+        torch.testing.assert_close(adapter.head(adapter.final_norm(hidden)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_minilm_loads_as_a_bert_encoder():
+    loaded = load_model("minilm-l6")
+    assert loaded.adapter.family.name == "bert" and len(loaded.adapter.blocks) == 6
+    ids = loaded.tokenizer(["a small test sentence", "another one"], padding=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = loaded.model(input_ids=ids).last_hidden_state
+    hidden = torch.cat(BlockRunner(loaded.adapter, ids, progress=False).run())
+    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,152 @@
+"""The block runner: replaying blocks one at a time reproduces the full forward, for every family."""
+
+import pytest
+import torch
+
+from conftest import random_ids, tiny_model
+from slimformer import get_adapter
+from slimformer.calibration import BlockRunner, capture
+
+
+def full_forward_last_block(model, adapter, samples):
+    """The last block's output in an ordinary full forward, caught by a forward hook."""
+    outs = []
+    handle = adapter.blocks[-1].register_forward_hook(lambda m, a, out: outs.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(input_ids=samples)
+    handle.remove()
+    return outs[0]
+
+
+def test_replay_reproduces_full_forward(family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    samples = random_ids(4, 24)  # longer than the sliding window of 8
+    expected = full_forward_last_block(model, adapter, samples)
+    hidden = BlockRunner(adapter, samples, batch_size=2, progress=False).run()
+    torch.testing.assert_close(torch.cat(hidden), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_replay_through_head_gives_the_logits():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    samples = random_ids(2, 16)
+    hidden = torch.cat(BlockRunner(adapter, samples, progress=False).run())
+    with torch.no_grad():
+        logits = adapter.head(adapter.final_norm(hidden))
+        torch.testing.assert_close(logits, model(input_ids=samples).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_records_per_block_masks_and_restores_forward():
+    model = tiny_model("gemma2")  # sliding and full layers get different masks
+    adapter = get_adapter(model)
+    hidden, calls = capture(adapter, [random_ids(1, 24)])
+    assert len(hidden) == 1 and len(calls) == 3 and all(len(c) == 1 for c in calls)
+    assert all("forward" not in block.__dict__ for block in adapter.blocks)
+    assert hidden[0].shape == (1, 24, 32)
+    assert "position_embeddings" in calls[0][0].kwargs
+
+
+class Recorder:
+    """A visitor that records what it observes and zeroes the MLP down-projection of every block."""
+
+    def __init__(self, adapter, fail_at=None):
+        self.adapter, self.fail_at, self.seen = adapter, fail_at, []
+
+    def targets(self, index, block):
+        return {f"{index}.{role}": m for role, m in self.adapter.linears(block).items() if role in ("q", "down")}
+
+    def observe(self, name, module, inputs):
+        self.seen.append((name, tuple(inputs.shape)))
+
+    def compress(self, name, module):
+        if name == self.fail_at:
+            raise RuntimeError("method failed")
+        if name.endswith("down"):
+            module.weight.data.zero_()
+
+
+def test_visitor_observes_target_inputs_and_compressed_outputs_propagate():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    samples = random_ids(4, 16)
+    visitor = Recorder(adapter)
+    hidden = BlockRunner(adapter, samples, batch_size=2, progress=False).run(visitor)
+    # 3 blocks × 2 targets × 2 batches, each with the target's input width.
+    assert len(visitor.seen) == 12
+    assert ("0.q", (2, 16, 32)) in visitor.seen and ("2.down", (2, 16, 48)) in visitor.seen
+    # Compressed outputs fed forward: the result equals a full forward of the compressed model.
+    torch.testing.assert_close(torch.cat(hidden), full_forward_last_block(model, adapter, samples), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_propagation_feeds_uncompressed_outputs():
+    samples = random_ids(2, 16)
+    dense = torch.cat(BlockRunner(get_adapter(tiny_model("llama")), samples, progress=False).run())
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    hidden = torch.cat(BlockRunner(adapter, samples, progress=False).run(Recorder(adapter), propagate="dense"))
+    # Every block was compressed, yet each saw (and passed on) the dense model's activations.
+    assert all(not adapter.linears(b)["down"].weight.any() for b in adapter.blocks)
+    torch.testing.assert_close(hidden, dense)
+    compressed = torch.cat(BlockRunner(adapter, samples, progress=False).run())
+    assert not torch.allclose(compressed, dense)
+
+
+@pytest.mark.parametrize("propagate", ["compressed", "sequential", "dense"])
+def test_hooks_are_removed_when_a_method_fails(propagate):
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    with pytest.raises(RuntimeError, match="method failed"):
+        BlockRunner(adapter, random_ids(3, 8), progress=False).run(Recorder(adapter, fail_at="1.down"), propagate=propagate)
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+class ScaleBySeen(Recorder):
+    """Scales each target by 1 / (1 + mean |input|): the result depends on what the target observed."""
+
+    def __init__(self, adapter):
+        super().__init__(adapter)
+        self.stats = {}
+
+    def observe(self, name, module, inputs):
+        self.stats[name] = self.stats.get(name, 0.0) + inputs.abs().mean().item()
+
+    def compress(self, name, module):
+        module.weight.data /= 1 + self.stats[name]
+
+
+def sequential_reference(adapter, samples):
+    """One module at a time: observe it over all samples with everything before it compressed."""
+    visitor = ScaleBySeen(adapter)
+    runner = BlockRunner(adapter, samples, progress=False)
+    hidden = runner.hidden
+    for i, block in enumerate(adapter.blocks):
+        for name, module in visitor.targets(i, block).items():
+            handle = module.register_forward_pre_hook(lambda m, a, _n=name: visitor.observe(_n, m, a[0]))
+            runner.forward_block(i, hidden)
+            handle.remove()
+            visitor.compress(name, module)
+        hidden = runner.forward_block(i, hidden)
+    return torch.cat(hidden)
+
+
+def test_sequential_mode_compresses_each_module_after_all_samples_reach_it():
+    samples = random_ids(3, 12)
+    expected_model = tiny_model("llama")
+    expected = sequential_reference(get_adapter(expected_model), samples)
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    hidden = BlockRunner(adapter, samples, progress=False).run(ScaleBySeen(adapter), propagate="sequential")
+    torch.testing.assert_close(torch.cat(hidden), expected)
+    for a, b in zip(model.parameters(), expected_model.parameters()):
+        torch.testing.assert_close(a, b)
+
+    # All modes see the same inputs at block 0's first target; "dense" feeds block 1 the
+    # outputs of the uncompressed block 0, "compressed" those of the compressed one.
+    seq, two = ScaleBySeen(adapter), ScaleBySeen(get_adapter(tiny_model("llama")))
+    BlockRunner(seq.adapter, samples, progress=False).run(seq, propagate="sequential")
+    BlockRunner(two.adapter, samples, progress=False).run(two, propagate="compressed")
+    assert seq.stats["0.q"] == pytest.approx(two.stats["0.q"], rel=1e-6)
+    dense = ScaleBySeen(get_adapter(tiny_model("llama")))
+    BlockRunner(dense.adapter, samples, progress=False).run(dense, propagate="dense")
+    assert dense.stats["1.q"] != pytest.approx(two.stats["1.q"], rel=1e-6)
