@@ -1,1 +1,17 @@
 """Compression methods: each is a config dataclass plus one function, found by the config's type."""
+
+from slimformer.methods.base import METHODS, MethodResult, apply, config_dict, select_linears
+from slimformer.methods.finetune import FinetuneConfig
+from slimformer.methods.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig
+
+__all__ = [
+    "METHODS",
+    "FinetuneConfig",
+    "MagnitudeConfig",
+    "MethodResult",
+    "SparseGPTConfig",
+    "WandaConfig",
+    "apply",
+    "config_dict",
+    "select_linears",
+]

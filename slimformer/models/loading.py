@@ -7,6 +7,7 @@ caller passes ``trust_remote_code=True``. A GGUF file is de-quantised once by
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from transformers import (
 )
 
 from slimformer.errors import SlimformerError
+from slimformer.models import sparse_storage
 from slimformer.models.adapters import Adapter, family_for, get_adapter
 
 log = logging.getLogger(__name__)
@@ -162,7 +165,10 @@ def load_model(
     family = family_for(config.model_type)
     cls = _model_class(head, family.kind)
     try:
-        model = cls.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True, **common, **model_kwargs)
+        if sparse_storage.is_sparse_checkpoint(config):
+            model = sparse_storage.load_sparse(Path(source), cls, config, DTYPES[dtype])
+        else:
+            model = cls.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True, **common, **model_kwargs)
     except OSError as e:  # most often: only pickled (.bin) weights, which we refuse to unpickle
         raise SlimformerError(f"cannot load safetensors weights from '{spec}': {str(e).splitlines()[0]}") from None
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
@@ -170,10 +176,12 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=get_adapter(model), source=str(source))
 
 
-def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write safetensors + config (+ tokenizer) to ``out_dir`` atomically: a temporary folder, then a rename.
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out_dir`` and rename it into place when the block succeeds.
 
-    A failed or interrupted save leaves no half-written model at ``out_dir``.
+    A failed or interrupted write leaves nothing at ``out_dir`` (and no temporary folder);
+    an existing ``out_dir`` is replaced only with ``overwrite``.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -182,13 +190,28 @@ def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path, *, overwr
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a saved model is an ordinary folder
     try:
-        model.save_pretrained(tmp)  # safetensors is the only format transformers 5 writes
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def save_model(
+    model: PreTrainedModel, tokenizer, out_dir: str | Path, *, overwrite: bool = False, sparse: str | None = None
+) -> Path:
+    """Write safetensors + config (+ tokenizer) to ``out_dir`` atomically; stock ``transformers`` loads it.
+
+    ``sparse="unstructured"`` (or ``"2:4"``…) stores sparse Linear weights in the compressed-tensors
+    sparse-bitmask format instead (see :mod:`slimformer.models.sparse_storage`); ``load_model`` reads it.
+    """
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        if sparse:
+            sparse_storage.write_sparse(model, tmp, structure=sparse)
+        else:
+            model.save_pretrained(tmp)  # safetensors is the only format transformers 5 writes
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
