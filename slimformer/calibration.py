@@ -20,7 +20,7 @@ Three ways to feed a block's outputs to the next (``propagate``):
 - ``"compressed"`` (Wanda's and SparseGPT's reference code): one pass observes every target
   with the dense block, the targets are compressed, a second pass computes the outputs.
 - ``"sequential"``: one pass. Each sample runs in its own thread, one thread computing at a
-  time; at every target all samples wait until the last one has been observed, the module is
+  time and always in sample order; at every target all samples wait until the last one has been observed, the module is
   compressed, and they go on, so later modules observe the outputs of compressed earlier ones
   (the "true sequential" order of the GPTQ/SparseGPT code) and the pass ends with compressed
   outputs. It halves the block compute of ``"compressed"``; its cost is memory: each waiting
@@ -147,6 +147,32 @@ def capture(adapter: Adapter, batches: Sequence[torch.Tensor], device: str = "cp
 PROPAGATE = ("compressed", "sequential", "dense")
 
 
+class _Turns:
+    """Lets n threads compute one at a time, always in the order 0, 1, …, n-1.
+
+    A fixed order keeps floating-point sums over samples, and so the results, reproducible.
+    """
+
+    def __init__(self, n: int):
+        self.alive = list(range(n))
+        self.turn = 0
+        self.cond = threading.Condition()
+
+    def wait(self, j: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.turn == j)
+
+    def pass_on(self, j: int, leave: bool = False) -> None:
+        """Hand the turn to the next thread still running; ``leave`` when ``j`` is finished."""
+        with self.cond:
+            k = self.alive.index(j)
+            following = self.alive[(k + 1) % len(self.alive)]
+            if leave:
+                self.alive.remove(j)
+            self.turn = following if self.alive else -1
+            self.cond.notify_all()
+
+
 class _Hooked:
     """Adapts a pre-hook function to the ``observe`` call of :func:`observing`."""
 
@@ -234,13 +260,14 @@ class BlockRunner:
     def _forward_sequential(self, index: int, hidden: list, visitor: BlockVisitor, targets: dict) -> list:
         """One pass where each target is compressed once every sample has reached it."""
         n = len(hidden)
-        baton = threading.Lock()  # one sample computes at a time: no oversubscribed cores
+        turns = _Turns(n)
         stage: list = []
         barrier = threading.Barrier(n, action=lambda: visitor.compress(*stage))
         names = {id(m): name for name, m in targets.items()}
         done: set[str] = set()
         outs: list = [None] * n
         errors: list[BaseException] = []
+        local = threading.local()
 
         def hook(module, args):
             name = names[id(module)]
@@ -248,20 +275,24 @@ class BlockRunner:
                 return
             visitor.observe(name, module, args[0])
             stage[:] = [name, module]
-            baton.release()
+            turns.pass_on(local.j)
             try:
                 barrier.wait()
             finally:
-                baton.acquire()
+                turns.wait(local.j)
             done.add(name)
 
         def work(j: int) -> None:
+            local.j = j
+            turns.wait(j)
             try:
-                with torch.no_grad(), baton:  # grad mode is per thread
+                with torch.no_grad():  # grad mode is per thread
                     outs[j] = self.forward_block(index, hidden[j : j + 1])[0]
             except BaseException as e:  # noqa: BLE001 - re-raised by the caller below
                 errors.append(e)
                 barrier.abort()
+            finally:
+                turns.pass_on(j, leave=True)
 
         with observing(_Hooked(hook), targets):
             threads = [threading.Thread(target=work, args=(j,), daemon=True) for j in range(n)]

@@ -13,9 +13,12 @@ import torch
 from slimformer.data import SOURCES_HELP, load_text, tokenize
 from slimformer.errors import SlimformerError
 from slimformer.evaluation import perplexity
+from slimformer.calibration import PROPAGATE
 from slimformer.machine import machine_info
+from slimformer.methods import FinetuneConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig
 from slimformer.models import ALIASES, DEFAULT_MODEL, load_model
 from slimformer.models.loading import DTYPES
+from slimformer.pipeline import Calibration, PruneJob, run_prune
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -64,7 +67,73 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"eval": cmd_eval}
+def _method_config(args: argparse.Namespace):
+    """The method config of ``prune`` from its flags; invalid values fail here, before any loading."""
+    common = dict(sparsity=args.sparsity, pattern=args.pattern, targets=tuple(args.targets), ignore=tuple(args.ignore))
+    if args.method == "magnitude":
+        return MagnitudeConfig(**common, scope=args.scope, rounds=args.rounds, finetune_steps=args.round_steps)
+    calibrated = dict(common, propagate=args.propagate, batch_size=args.batch_size, device=args.device)
+    if args.method == "wanda":
+        return WandaConfig(**calibrated)
+    return SparseGPTConfig(**calibrated, blocksize=args.blocksize, percdamp=args.percdamp)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """(block index, projection) of a module name such as ``model.layers.3.self_attn.q_proj``."""
+    parts = name.split(".")
+    index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    return (parts[index], parts[-1]) if index is not None else (name, "weight")
+
+
+def _sparsity_table(layers: dict):
+    """Blocks as rows, projections as columns, sparsity in percent."""
+    from rich.table import Table
+
+    cells: dict[str, dict[str, float]] = {}
+    for name, info in layers.items():
+        block, module = _split_name(name)
+        cells.setdefault(block, {})[module] = info["sparsity"]
+    columns = list(dict.fromkeys(c for row in cells.values() for c in row))
+    table = Table(title="sparsity per layer (%)")
+    table.add_column("block")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for block, row in cells.items():
+        table.add_row(block, *(f"{100 * row[c]:.1f}" if c in row else "" for c in columns))
+    return table
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune weights (magnitude, Wanda, SparseGPT), optionally fine-tune, and save the model."""
+    from rich.console import Console
+
+    if not args.out and not args.sparse_out:
+        raise SlimformerError("give --out DIR (and/or --sparse-out DIR) for the pruned model")
+    finetune = FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, seqlen=args.finetune_seqlen,
+                              device=args.device) if args.finetune_steps else None
+    job = PruneJob(model=args.model, config=_method_config(args), finetune=finetune,
+                   calibration=Calibration(args.calib, args.nsamples, args.seqlen, args.seed),
+                   ppl_windows=args.ppl_windows, out=args.out, sparse_out=args.sparse_out,
+                   overwrite=args.overwrite, dtype=args.dtype, device=args.device)
+    report = run_prune(job)
+    console = Console()
+    console.print(_sparsity_table(report["prune"]["layers"]))
+    summary = report["prune"]
+    console.print(f"{summary['method']}: sparsity {100 * summary['summary']['sparsity']:.1f}% of "
+                  f"{summary['summary']['pruned_modules']} projections in {summary['seconds']:.1f} s, "
+                  f"peak RSS {summary['peak_rss_gib']:.2f} GiB")
+    for key in ("ppl_before", "ppl_after_prune", "ppl_after_finetune"):
+        if report.get(key) is not None:
+            console.print(f"{key.replace('_', ' ')}: {report[key]:.3f} ({args.ppl_windows} windows of WikiText-2 test)")
+    for kind, size in report["size_bytes"].items():
+        console.print(f"{kind} model: {size / 2**20:.1f} MiB")
+    for out in (args.out, args.sparse_out):
+        if out:
+            console.print(f"saved {out}")
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "prune": cmd_prune}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +147,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--out", default="eval.json", help="where to write the JSON results")
+    _add_prune_parser(sub)
     assert set(sub.choices) == set(COMMANDS), "every verb needs a handler and a parser"
     return parser
+
+
+def _add_prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help=cmd_prune.__doc__)
+    _add_model_args(p)
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights to zero, in [0, 1)")
+    p.add_argument("--pattern", default=None, help="N:M pattern such as 2:4 (sets the sparsity)")
+    p.add_argument("--targets", nargs="*", default=[], help="module names, suffixes or re:REGEX (default: block projections)")
+    p.add_argument("--ignore", nargs="*", default=[], help="modules to leave dense, same rules")
+    p.add_argument("--calib", default="wikitext2:valid", help=f"calibration source: {SOURCES_HELP}")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="calibration samples per block call")
+    p.add_argument("--propagate", default="sequential", choices=list(PROPAGATE),
+                   help="how pruned outputs feed the next block (see slimformer.calibration)")
+    p.add_argument("--scope", default="layer", choices=["layer", "global"], help="magnitude: threshold per matrix or global")
+    p.add_argument("--rounds", type=int, default=1, help="magnitude: iterative rounds up to the target")
+    p.add_argument("--round-steps", type=int, default=0, help="magnitude: fine-tune steps after each round")
+    p.add_argument("--blocksize", type=int, default=128, help="sparsegpt: column block size")
+    p.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: dampening, fraction of mean diag(H)")
+    p.add_argument("--finetune-steps", type=int, default=0, help="masked fine-tuning steps after pruning")
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
+    p.add_argument("--finetune-seqlen", type=int, default=512, help="crop samples to this length for fine-tuning")
+    p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
+    p.add_argument("--out", default=None, help="folder for the pruned model (stock transformers loads it)")
+    p.add_argument("--sparse-out", default=None, help="folder for a sparse-bitmask copy (smaller on disk)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
 
 
 def main(argv: list[str] | None = None) -> int:
