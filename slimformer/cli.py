@@ -15,10 +15,10 @@ from slimformer.errors import SlimformerError
 from slimformer.evaluation import perplexity
 from slimformer.calibration import PROPAGATE
 from slimformer.machine import machine_info
-from slimformer.methods import FinetuneConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig
+from slimformer.methods import FinetuneConfig, MagnitudeConfig, SLEBConfig, SparseGPTConfig, WandaConfig
 from slimformer.models import ALIASES, DEFAULT_MODEL, load_model
 from slimformer.models.loading import DTYPES
-from slimformer.pipeline import Calibration, PruneJob, run_prune
+from slimformer.pipeline import Calibration, CompressJob, run_compress
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -111,29 +111,73 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise SlimformerError("give --out DIR (and/or --sparse-out DIR) for the pruned model")
     finetune = FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, seqlen=args.finetune_seqlen,
                               device=args.device) if args.finetune_steps else None
-    job = PruneJob(model=args.model, config=_method_config(args), finetune=finetune,
-                   calibration=Calibration(args.calib, args.nsamples, args.seqlen, args.seed),
-                   ppl_windows=args.ppl_windows, out=args.out, sparse_out=args.sparse_out,
-                   overwrite=args.overwrite, dtype=args.dtype, device=args.device)
-    report = run_prune(job)
+    job = CompressJob(model=args.model, config=_method_config(args), finetune=finetune,
+                      calibration=Calibration(args.calib, args.nsamples, args.seqlen, args.seed),
+                      ppl_windows=args.ppl_windows, out=args.out, sparse_out=args.sparse_out,
+                      overwrite=args.overwrite, dtype=args.dtype, device=args.device)
+    report = run_compress(job)
     console = Console()
-    console.print(_sparsity_table(report["prune"]["layers"]))
-    summary = report["prune"]
+    console.print(_sparsity_table(report["result"]["layers"]))
+    summary = report["result"]
     console.print(f"{summary['method']}: sparsity {100 * summary['summary']['sparsity']:.1f}% of "
                   f"{summary['summary']['pruned_modules']} projections in {summary['seconds']:.1f} s, "
                   f"peak RSS {summary['peak_rss_gib']:.2f} GiB")
-    for key in ("ppl_before", "ppl_after_prune", "ppl_after_finetune"):
+    _print_outcome(console, report, args)
+    return 0
+
+
+def _print_outcome(console, report: dict, args: argparse.Namespace) -> None:
+    """Perplexities before and after, sizes and output folders of a compression report."""
+    for key in ("ppl_before", "ppl_after", "ppl_after_finetune"):
         if report.get(key) is not None:
             console.print(f"{key.replace('_', ' ')}: {report[key]:.3f} ({args.ppl_windows} windows of WikiText-2 test)")
     for kind, size in report["size_bytes"].items():
         console.print(f"{kind} model: {size / 2**20:.1f} MiB")
-    for out in (args.out, args.sparse_out):
+    for out in (args.out, getattr(args, "sparse_out", None)):
         if out:
             console.print(f"saved {out}")
+
+
+def cmd_remove_blocks(args: argparse.Namespace) -> int:
+    """Remove whole blocks (SLEB, its one-shot variant, or block influence) and save the shallower model."""
+    from rich.console import Console
+
+    config = SLEBConfig(blocks=args.blocks, ratio=args.ratio, criterion=args.method.replace("sleb", "iterative"),
+                        protect=tuple(args.protect), batch_size=args.batch_size, device=args.device)
+    job = CompressJob(model=args.model, config=config,
+                      calibration=Calibration(args.calib, args.nsamples, args.seqlen, args.seed),
+                      ppl_windows=args.ppl_windows, out=args.out, overwrite=args.overwrite,
+                      dtype=args.dtype, device=args.device)
+    report = run_compress(job)
+    summary = report["result"]["summary"]
+    console = Console()
+    console.print(f"removed blocks {summary['removed']} (in the order chosen) in {report['result']['seconds']:.1f} s: "
+                  f"{summary['blocks_before']} → {summary['blocks_after']} blocks, "
+                  f"peak RSS {report['result']['peak_rss_gib']:.2f} GiB")
+    _print_outcome(console, report, args)
     return 0
 
 
-COMMANDS = {"eval": cmd_eval, "prune": cmd_prune}
+def _add_remove_blocks_parser(sub) -> None:
+    p = sub.add_parser("remove-blocks", help=cmd_remove_blocks.__doc__)
+    _add_model_args(p)
+    p.add_argument("--method", default="sleb", choices=["sleb", "oneshot", "influence"],
+                   help="sleb: greedy, loss-verified rounds; oneshot: one scoring round; influence: ShortGPT")
+    count = p.add_mutually_exclusive_group(required=True)
+    count.add_argument("--blocks", type=int, help="number of blocks to remove")
+    count.add_argument("--ratio", type=float, help="fraction of the blocks to remove, in (0, 1)")
+    p.add_argument("--protect", type=int, nargs="*", default=[0, -1], help="blocks never removed (default: first, last)")
+    p.add_argument("--calib", default="wikitext2:valid", help=f"calibration source: {SOURCES_HELP}")
+    p.add_argument("--nsamples", type=int, default=1, help="SLEB's search cost grows with the sample count")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
+    p.add_argument("--out", required=True, help="folder for the shallower model (stock transformers loads it)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+COMMANDS = {"eval": cmd_eval, "prune": cmd_prune, "remove-blocks": cmd_remove_blocks}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--out", default="eval.json", help="where to write the JSON results")
     _add_prune_parser(sub)
+    _add_remove_blocks_parser(sub)
     assert set(sub.choices) == set(COMMANDS), "every verb needs a handler and a parser"
     return parser
 

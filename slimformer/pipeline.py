@@ -29,8 +29,8 @@ class Calibration:
 
 
 @dataclass
-class PruneJob:
-    """A pruning run: the model, the method config, calibration, optional fine-tune, measurement and outputs."""
+class CompressJob:
+    """One compression run: the model, a method config, calibration, optional fine-tune, measurement, outputs."""
 
     model: str
     config: object
@@ -49,7 +49,7 @@ def folder_size(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def _check_outputs(job: PruneJob) -> None:
+def _check_outputs(job: CompressJob) -> None:
     for out in (job.out, job.sparse_out):
         if out and Path(out).exists() and not job.overwrite:
             raise SlimformerError(f"output '{out}' exists; choose another path or pass --overwrite")
@@ -62,8 +62,8 @@ def _ppl(loaded, windows: int) -> float | None:
     return perplexity(loaded.model, ids, seqlen=2048, windows=windows).perplexity
 
 
-def run_prune(job: PruneJob) -> dict:
-    """Prune ``job.model`` with ``job.config``; measure, save and return a report (also saved as slimformer.json)."""
+def run_compress(job: CompressJob) -> dict:
+    """Compress ``job.model`` with ``job.config``; measure, save and return a report (also saved as slimformer.json)."""
     _check_outputs(job)
     calib = job.calibration
     text = load_text(calib.source)  # a missing or empty source fails before the model loads
@@ -73,8 +73,8 @@ def run_prune(job: PruneJob) -> dict:
     report = {"model": job.model, "calibration": asdict(calib), "ppl_windows": job.ppl_windows}
     report["ppl_before"] = _ppl(loaded, job.ppl_windows)
     result = apply(loaded.adapter, job.config, samples)
-    report["prune"] = asdict(result)
-    report["ppl_after_prune"] = _ppl(loaded, job.ppl_windows)
+    report["result"] = asdict(result)
+    report["ppl_after"] = _ppl(loaded, job.ppl_windows)
     if job.finetune:
         report["finetune"] = asdict(apply(loaded.adapter, job.finetune, samples))
         report["ppl_after_finetune"] = _ppl(loaded, job.ppl_windows)
@@ -88,7 +88,7 @@ def sample(tokenizer, text: str, calib: Calibration) -> torch.Tensor:
     return sample_windows(tokenize(tokenizer, text), calib.n, calib.seqlen, calib.seed)
 
 
-def _save(loaded, job: PruneJob, report: dict) -> None:
+def _save(loaded, job: CompressJob, report: dict) -> None:
     sizes = {}
     if job.out:
         save_model(loaded.model, loaded.tokenizer, job.out, overwrite=job.overwrite)

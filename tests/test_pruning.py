@@ -207,7 +207,7 @@ def test_cli_prune_writes_dense_and_sparse_models(saved_tiny, tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "sparsity per layer" in stdout and "down_proj" in stdout
     report = json.loads((out / "slimformer.json").read_text())
-    assert report["prune"]["summary"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert report["result"]["summary"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert report["size_bytes"]["sparse-bitmask"] < report["size_bytes"]["dense"]
     stock = AutoModelForCausalLM.from_pretrained(out)
     ids = random_ids(1, 10)

@@ -1,6 +1,7 @@
 """Compression methods: each is a config dataclass plus one function, found by the config's type."""
 
 from slimformer.methods.base import METHODS, MethodResult, apply, config_dict, select_linears
+from slimformer.methods.blocks import SLEBConfig
 from slimformer.methods.finetune import FinetuneConfig
 from slimformer.methods.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig
 
@@ -9,6 +10,7 @@ __all__ = [
     "FinetuneConfig",
     "MagnitudeConfig",
     "MethodResult",
+    "SLEBConfig",
     "SparseGPTConfig",
     "WandaConfig",
     "apply",
