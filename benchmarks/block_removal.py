@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
-import sys
 
 import torch
 
-from common import write_result
+from common import run_children, write_result
 
 RUNS = [("sleb", 3), ("sleb", 6), ("oneshot", 6), ("influence", 6)]
 REFERENCE = {("sleb", 3): "14, 16, 17 · ppl 36.90 · ≈ 472 s", ("sleb", 6): "13–18 · ppl 57.32 · 887.1 s",
@@ -71,13 +69,7 @@ def main() -> None:
         print("RESULT " + json.dumps(one_run(criterion, blocks, args.windows, args.repeats)))
         return
     runs = [r for r in RUNS if not args.only or f"{r[0]}:{r[1]}" == args.only]
-    results = []
-    for run in runs:
-        cmd = [sys.executable, __file__, "--child", json.dumps(run), "--windows", str(args.windows),
-               "--repeats", str(args.repeats)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results.append(json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))[7:]))
-        print({k: v for k, v in results[-1].items() if k not in ("rounds", "speed")}, flush=True)
+    results = run_children(__file__, runs, ["--windows", str(args.windows), "--repeats", str(args.repeats)])
     rows = []
     for r in results:
         rows.append((f"{r['criterion']} {r['blocks']}/30",

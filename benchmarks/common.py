@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from slimformer.machine import machine_info
@@ -21,3 +23,15 @@ def write_result(name: str, payload: dict, rows: list[tuple[str, str]]) -> None:
              "", "| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
+
+
+def run_children(script: str, runs: list, extra: list[str]) -> list[dict]:
+    """Run ``script --child RUN`` once per run, each in a fresh process (so peak RSS is that run's own)."""
+    results = []
+    for run in runs:
+        proc = subprocess.run([sys.executable, script, "--child", json.dumps(run), *extra],
+                              capture_output=True, text=True, check=True)
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+        results.append(json.loads(line[len("RESULT "):]))
+        print({k: v for k, v in results[-1].items() if k not in ("rounds", "speed")}, flush=True)
+    return results

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from common import RESULTS, write_result
+from common import RESULTS, run_children, write_result
 
 RUNS = [
     ("magnitude", None, "sequential"),
@@ -83,15 +81,10 @@ def main() -> None:
         return
     runs = RUNS
     if args.only:
-        runs = [r for r in RUNS if f"{r[0]}:{r[1] or 'unstructured'}:{r[2]}".startswith(args.only)]
-    results = []
-    for run in runs:
-        cmd = [sys.executable, __file__, "--child", json.dumps(run), "--windows", str(args.windows),
-               "--finetune-steps", str(args.finetune_steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-        results.append(json.loads(line[len("RESULT "):]))
-        print(results[-1], flush=True)
+        wanted = args.only.split(",")
+        runs = [r for r in RUNS if any(f"{r[0]}:{r[1] or 'unstructured'}:{r[2]}".startswith(w) for w in wanted)]
+    fresh = run_children(__file__, runs, ["--windows", str(args.windows), "--finetune-steps", str(args.finetune_steps)])
+    results = merge_runs(fresh)
     rows = []
     for r in results:
         ref_ppl, ref_s = REFERENCE[(r["method"], None if r["pattern"] == "unstructured" else r["pattern"])]
@@ -104,8 +97,17 @@ def main() -> None:
         if "size_sparse_bytes" in r:
             rows.append(("size on disk, 50% sparse", f"dense {r['size_dense_bytes'] / 2**20:.0f} MiB, "
                          f"sparse-bitmask {r['size_sparse_bytes'] / 2**20:.0f} MiB"))
-    name = "pruning_smollm2" if not args.only else f"pruning_smollm2_{args.only.replace(':', '_')}"
-    write_result(name, {"windows": args.windows, "runs": results}, rows)
+    write_result("pruning_smollm2", {"windows": args.windows, "runs": results}, rows)
+
+
+def merge_runs(fresh: list[dict]) -> list[dict]:
+    """Earlier results of runs not repeated now, then the fresh ones, in the order of RUNS."""
+    path = RESULTS / "pruning_smollm2.json"
+    key = lambda r: (r["method"], r["pattern"], r["propagate"])  # noqa: E731
+    merged = {key(r): r for r in (json.loads(path.read_text())["runs"] if path.exists() else [])}
+    merged.update({key(r): r for r in fresh})
+    order = [(m, p or "unstructured", g) for m, p, g in RUNS]
+    return [merged[k] for k in order if k in merged]
 
 
 if __name__ == "__main__":

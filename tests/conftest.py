@@ -68,6 +68,17 @@ def random_ids(n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture
+def saved_tiny(tmp_path):
+    """A tiny Llama saved with its tokenizer in ``tmp_path/m``, and 400 words of calibration text."""
+    from slimformer import save_model
+
+    path = save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "m")
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
+    return path, text
+
+
 @pytest.fixture(params=list(TINY_CONFIGS))
 def family(request) -> str:
     return request.param

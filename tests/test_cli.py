@@ -6,27 +6,17 @@ import sys
 
 import pytest
 
-from conftest import tiny_model, tiny_tokenizer
-from slimformer import save_model
 from slimformer.cli import main
 from slimformer.data import load_text, tokenize
 from slimformer.evaluation import perplexity
 
 
-@pytest.fixture
-def model_and_text(tmp_path):
-    path = save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "m")
-    text = tmp_path / "t.txt"
-    text.write_text(" ".join(f"w{(i * 7) % 128}" for i in range(200)))
-    return path, text
-
-
-def test_eval_prints_a_table_and_writes_json(model_and_text, tmp_path, capsys):
-    path, text = model_and_text
+def test_eval_prints_a_table_and_writes_json(saved_tiny, tmp_path, capsys):
+    path, text = saved_tiny
     out = tmp_path / "r" / "eval.json"
     assert main(["eval", str(path), "--ppl", str(text), "--seqlen", "32", "--out", str(out)]) == 0
     result = json.loads(out.read_text())["perplexity"][str(text)]
-    assert result["windows"] == 6  # 200 tokens // 32
+    assert result["windows"] == 12  # 400 tokens // 32
     stdout = capsys.readouterr().out
     assert f"{result['perplexity']:.3f}" in stdout
     from slimformer import load_model
@@ -44,16 +34,16 @@ def test_eval_prints_a_table_and_writes_json(model_and_text, tmp_path, capsys):
         (["eval", "{model}", "--ppl", "{text}", "--seqlen", "4096"], "seqlen 4096 is larger than the model allows"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(model_and_text, capsys, args, message):
-    path, text = model_and_text
+def test_bad_input_is_one_line_and_exit_2(saved_tiny, capsys, args, message):
+    path, text = saved_tiny
     args = [a.format(model=path, text=text) for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("slimformer: error: ") and message in err[0]
 
 
-def test_missing_data_directory_through_the_command(model_and_text, tmp_path):
-    path, _ = model_and_text
+def test_missing_data_directory_through_the_command(saved_tiny, tmp_path):
+    path, _ = saved_tiny
     env = {"SLIMFORMER_DATA": str(tmp_path / "absent"), "PATH": ""}
     proc = subprocess.run([sys.executable, "-m", "slimformer.cli", "eval", str(path)],
                           capture_output=True, text=True, env=env)

@@ -8,7 +8,6 @@ from transformers import AutoModelForCausalLM
 
 from conftest import random_ids, tiny_model, tiny_tokenizer
 from slimformer import SlimformerError, get_adapter, load_model, save_model
-from slimformer.calibration import capture
 from slimformer.cli import main
 from slimformer.methods import FinetuneConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig, apply, select_linears
 from slimformer.methods import pruning_math as pm
@@ -187,14 +186,6 @@ def test_sparse_storage_is_smaller_and_reloads_exactly(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, model(input_ids=ids).logits)
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
-
-
-@pytest.fixture
-def saved_tiny(tmp_path):
-    path = save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "m")
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(f"w{(i * 11) % 128}" for i in range(400)))
-    return path, text
 
 
 def test_cli_prune_writes_dense_and_sparse_models(saved_tiny, tmp_path, capsys):

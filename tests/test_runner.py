@@ -54,7 +54,7 @@ class Recorder:
         self.adapter, self.fail_at, self.seen = adapter, fail_at, []
 
     def targets(self, index, block):
-        return {f"{index}.{role}": m for role, m in self.adapter.linears(block).items() if role in ("q", "down")}
+        return {f"{index}.{role}": m for role, m in self.adapter.linears(block).items() if role in ("q", "qkv", "down")}
 
     def observe(self, name, module, inputs):
         self.seen.append((name, tuple(inputs.shape)))
@@ -99,6 +99,7 @@ def test_hooks_are_removed_when_a_method_fails(propagate):
     with pytest.raises(RuntimeError, match="method failed"):
         BlockRunner(adapter, random_ids(3, 8), progress=False).run(Recorder(adapter, fail_at="1.down"), propagate=propagate)
     assert all(not m._forward_pre_hooks for m in model.modules())
+    assert torch.is_grad_enabled()  # paused samples were unwound without leaving grad mode off
 
 
 class ScaleBySeen(Recorder):
@@ -130,20 +131,24 @@ def sequential_reference(adapter, samples):
     return torch.cat(hidden)
 
 
-def test_sequential_mode_compresses_each_module_after_all_samples_reach_it():
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma3", "bert"])
+def test_sequential_mode_compresses_each_module_after_all_samples_reach_it(family):
     samples = random_ids(3, 12)
-    expected_model = tiny_model("llama")
+    expected_model = tiny_model(family)
     expected = sequential_reference(get_adapter(expected_model), samples)
-    model = tiny_model("llama")
+    model = tiny_model(family)
     adapter = get_adapter(model)
     hidden = BlockRunner(adapter, samples, progress=False).run(ScaleBySeen(adapter), propagate="sequential")
     torch.testing.assert_close(torch.cat(hidden), expected)
     for a, b in zip(model.parameters(), expected_model.parameters()):
         torch.testing.assert_close(a, b)
 
-    # All modes see the same inputs at block 0's first target; "dense" feeds block 1 the
-    # outputs of the uncompressed block 0, "compressed" those of the compressed one.
-    seq, two = ScaleBySeen(adapter), ScaleBySeen(get_adapter(tiny_model("llama")))
+
+def test_propagation_modes_see_the_inputs_they_promise():
+    """All modes see the same inputs at block 0's first target; "dense" feeds block 1 the
+    outputs of the uncompressed block 0, "compressed" those of the compressed one."""
+    samples = random_ids(3, 12)
+    seq, two = (ScaleBySeen(get_adapter(tiny_model("llama"))) for _ in range(2))
     BlockRunner(seq.adapter, samples, progress=False).run(seq, propagate="sequential")
     BlockRunner(two.adapter, samples, progress=False).run(two, propagate="compressed")
     assert seq.stats["0.q"] == pytest.approx(two.stats["0.q"], rel=1e-6)

@@ -52,10 +52,10 @@ class Family:
     per_layer_fields: tuple[str, ...] = field(default=("layer_types",))
 
 
-def _llama_like(name: str, *model_types: str, norms: tuple[str, ...] | None = None) -> Family:
+def _llama_like(name: str, model_type: str | None = None, norms: tuple[str, ...] | None = None) -> Family:
     return Family(
         name=name,
-        model_types=model_types or (name,),
+        model_types=(model_type or name,),
         kind="decoder",
         blocks="layers",
         attention=_LLAMA_ATTN,
@@ -74,7 +74,7 @@ FAMILIES: tuple[Family, ...] = (
     _llama_like("qwen3"),
     _llama_like("gemma"),
     _llama_like("gemma2", norms=_GEMMA2_NORMS),
-    _llama_like("gemma3", "gemma3_text", norms=_GEMMA2_NORMS),
+    _llama_like("gemma3", "gemma3_text", norms=_GEMMA2_NORMS),  # the text model; multimodal "gemma3" nests it
     Family(
         name="gpt2",
         model_types=("gpt2",),
