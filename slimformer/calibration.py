@@ -31,7 +31,7 @@ Three ways to feed a block's outputs to the next (``propagate``):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -55,8 +55,8 @@ class BlockVisitor(Protocol):
         """Modules of block ``index`` whose inputs to observe, by name."""
         ...
 
-    def observe(self, name: str, module: nn.Module, inputs: torch.Tensor) -> None:
-        """One batch of inputs of a target module (on the run device)."""
+    def observe(self, name: str, module: nn.Module, inputs: torch.Tensor, batch: int) -> None:
+        """Inputs of a target module for calibration batch ``batch`` (on the run device)."""
         ...
 
     def compress(self, name: str, module: nn.Module) -> None:
@@ -147,25 +147,15 @@ def capture(adapter: Adapter, batches: Sequence[torch.Tensor], device: str = "cp
 PROPAGATE = ("compressed", "sequential", "dense")
 
 
-class _Hooked:
-    """Adapts a pre-hook function to the ``observe`` call of :func:`observing`."""
-
-    def __init__(self, hook):
-        self.hook = hook
-
-    def observe(self, name, module, inputs):
-        self.hook(module, (inputs,))
-
-
 @contextlib.contextmanager
-def observing(visitor: BlockVisitor, targets: dict[str, nn.Module]) -> Iterator[None]:
-    """Send the inputs of ``targets`` to ``visitor.observe`` while the block runs; always unhook."""
+def observing(targets: dict[str, nn.Module], observe: Callable[[str, nn.Module, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``observe(name, module, inputs)`` before each target runs; always unhook."""
     handles = []
     try:
         for name, module in targets.items():
 
             def hook(mod, args, _name=name):
-                visitor.observe(_name, mod, args[0])
+                observe(_name, mod, args[0])
 
             handles.append(module.register_forward_pre_hook(hook))
         yield
@@ -193,15 +183,19 @@ class BlockRunner:
         self.adapter = adapter
         self.device = torch.device(device)
         self.progress = progress
+        self._batch = 0  # the batch being run: observers learn which sample an input belongs to
         self.hidden, self.calls = capture(adapter, batches_of(samples, batch_size), device)
 
     @torch.no_grad()
-    def forward_block(self, index: int, hidden: Sequence[torch.Tensor], block: nn.Module | None = None) -> list:
-        """Run block ``index`` (or a stand-in ``block``) over every batch; outputs come back on the CPU."""
+    def forward_block(
+        self, index: int, hidden: Sequence[torch.Tensor], block: nn.Module | None = None, first: int = 0
+    ) -> list:
+        """Run block ``index`` (or a stand-in ``block``) over batches ``first, first + 1, …``; outputs on the CPU."""
         block = self.adapter.blocks[index] if block is None else block
         memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         outs = []
-        for h, call in zip(hidden, self.calls[index]):
+        for k, (h, call) in enumerate(zip(hidden, self.calls[index][first:])):
+            self._batch = first + k
             out = block(h.to(self.device), *_move(call.args, self.device, memo), **_move(call.kwargs, self.device, memo))
             out = out[0] if isinstance(out, tuple) else out
             outs.append(out.to("cpu"))
@@ -223,7 +217,8 @@ class BlockRunner:
             if targets and propagate == "sequential":
                 hidden = self._forward_sequential(i, hidden, visitor, targets)
             else:
-                with observing(visitor, targets) if targets else contextlib.nullcontext():
+                observe = lambda name, module, inputs: visitor.observe(name, module, inputs, self._batch)  # noqa: E731
+                with observing(targets, observe) if targets else contextlib.nullcontext():
                     outs = self.forward_block(i, hidden)
                 for name, module in targets.items():
                     visitor.compress(name, module)
@@ -239,18 +234,18 @@ class BlockRunner:
         compressed and they resume, in sample order, so sums over samples are reproducible.
         Grad mode is shared by the greenlets: the whole pass runs under ``no_grad``.
         """
-        names = {id(m): name for name, m in targets.items()}
         done: set[str] = set()
         scheduler = greenlet.getcurrent()
 
-        def hook(module, args):
-            name = names[id(module)]
+        def pause(name, module, inputs):
             if name not in done:  # a module called twice per forward is compressed once
-                visitor.observe(name, module, args[0])
+                visitor.observe(name, module, inputs, batch_of[greenlet.getcurrent()])
                 scheduler.switch(name)
 
-        workers = [greenlet(lambda j=j: self.forward_block(index, hidden[j : j + 1])[0]) for j in range(len(hidden))]
-        with torch.no_grad(), observing(_Hooked(hook), targets):
+        workers = [greenlet(lambda j=j: self.forward_block(index, hidden[j : j + 1], first=j)[0])
+                   for j in range(len(hidden))]
+        batch_of = {w: j for j, w in enumerate(workers)}
+        with torch.no_grad(), observing(targets, pause):
             try:
                 stops = [w.switch() for w in workers]
                 while not all(w.dead for w in workers):

@@ -113,6 +113,21 @@ def test_sparsegpt_uses_the_calibration_hessian(propagate):
     torch.testing.assert_close(adapter.linears(adapter.blocks[0])["q"].weight.data, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("propagate", ["sequential", "compressed"])
+def test_projections_fed_the_same_input_share_one_statistic(propagate):
+    from slimformer.calibration import BlockRunner
+    from slimformer.methods.pruning import _PruneVisitor
+
+    adapter = get_adapter(tiny_model("llama"))
+    config = SparseGPTConfig(0.5, propagate=propagate)
+    visitor = _PruneVisitor(adapter, select_linears(adapter), config)
+    BlockRunner(adapter, random_ids(3, 16), progress=False).run(visitor, propagate=propagate)
+    stats = {name.rsplit(".", 1)[-1]: id(stat) for name, stat in visitor.stats.items()}  # the last block's
+    assert stats["q_proj"] == stats["k_proj"] == stats["v_proj"] and stats["gate_proj"] == stats["up_proj"]
+    assert len(set(stats.values())) == 4  # q/k/v, o, gate/up, down
+    assert visitor.stats["model.layers.2.self_attn.q_proj"][1] == 3  # every sample counted once
+
+
 def test_wanda_uses_input_norms():
     samples = random_ids(4, 16)
     reference = tiny_model("llama")

@@ -56,7 +56,7 @@ class Recorder:
     def targets(self, index, block):
         return {f"{index}.{role}": m for role, m in self.adapter.linears(block).items() if role in ("q", "qkv", "down")}
 
-    def observe(self, name, module, inputs):
+    def observe(self, name, module, inputs, batch):
         self.seen.append((name, tuple(inputs.shape)))
 
     def compress(self, name, module):
@@ -107,10 +107,12 @@ class ScaleBySeen(Recorder):
 
     def __init__(self, adapter):
         super().__init__(adapter)
-        self.stats = {}
+        self.stats, self.sums = {}, {}
 
-    def observe(self, name, module, inputs):
-        self.stats[name] = self.stats.get(name, 0.0) + inputs.abs().mean().item()
+    def observe(self, name, module, inputs, batch):
+        total, count = self.sums.get(name, (0.0, 0))
+        self.sums[name] = (total + inputs.abs().sum().item(), count + inputs.numel())
+        self.stats[name] = self.sums[name][0] / self.sums[name][1]
 
     def compress(self, name, module):
         module.weight.data /= 1 + self.stats[name]
@@ -123,7 +125,7 @@ def sequential_reference(adapter, samples):
     hidden = runner.hidden
     for i, block in enumerate(adapter.blocks):
         for name, module in visitor.targets(i, block).items():
-            handle = module.register_forward_pre_hook(lambda m, a, _n=name: visitor.observe(_n, m, a[0]))
+            handle = module.register_forward_pre_hook(lambda m, a, _n=name: visitor.observe(_n, m, a[0], 0))
             runner.forward_block(i, hidden)
             handle.remove()
             visitor.compress(name, module)
@@ -138,7 +140,8 @@ def test_sequential_mode_compresses_each_module_after_all_samples_reach_it(famil
     expected = sequential_reference(get_adapter(expected_model), samples)
     model = tiny_model(family)
     adapter = get_adapter(model)
-    hidden = BlockRunner(adapter, samples, progress=False).run(ScaleBySeen(adapter), propagate="sequential")
+    # Batches of 2 and 1: each batch runs with its own recorded arguments.
+    hidden = BlockRunner(adapter, samples, batch_size=2, progress=False).run(ScaleBySeen(adapter), propagate="sequential")
     torch.testing.assert_close(torch.cat(hidden), expected)
     for a, b in zip(model.parameters(), expected_model.parameters()):
         torch.testing.assert_close(a, b)

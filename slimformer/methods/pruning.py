@@ -12,7 +12,6 @@ sparse tensor cores; for speed on any hardware, remove blocks or heads instead.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -177,19 +176,20 @@ class _PruneVisitor:
         self.adapter, self.modules, self.config = adapter, modules, config
         self.hessian = isinstance(config, SparseGPTConfig)
         self.stats: dict[str, list] = {}  # name -> [statistic, number of sequences]
-        self.local = threading.local()  # the last input seen, per runner thread
+        self.last: dict[int, tuple[torch.Tensor, str]] = {}  # batch -> (its last input seen, by which module)
 
     def targets(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
         self.stats.clear()
+        self.last.clear()
         prefix = f"{self.adapter.block_prefix}.{index}."
         return {n: m for n, m in self.modules.items() if n.startswith(prefix)}
 
-    def observe(self, name: str, module: nn.Module, inputs: torch.Tensor) -> None:
-        last = getattr(self.local, "last", None)
+    def observe(self, name: str, module: nn.Module, inputs: torch.Tensor, batch: int) -> None:
+        last = self.last.get(batch)
         if last is not None and last[0] is inputs:
             self.stats[name] = self.stats[last[1]]
             return
-        self.local.last = (inputs, name)
+        self.last[batch] = (inputs, name)
         sequences = inputs.shape[0] if inputs.ndim == 3 else 1
         x = inputs.reshape(-1, inputs.shape[-1]).float()  # (tokens, in)
         stat = x.T @ x if self.hessian else (x * x).sum(0)  # (in, in) or (in,)
