@@ -128,6 +128,17 @@ def test_projections_fed_the_same_input_share_one_statistic(propagate):
     assert visitor.stats["model.layers.2.self_attn.q_proj"][1] == 3  # every sample counted once
 
 
+@pytest.mark.parametrize("width", [24, 1100])
+def test_upper_gram_accumulates_the_gram_matrix(width):
+    from slimformer.methods.pruning import add_upper_gram
+
+    x, y = torch.randn(50, width), torch.randn(30, width)
+    H = torch.zeros(width, width)
+    add_upper_gram(H, x)
+    add_upper_gram(H, y)
+    torch.testing.assert_close(H.triu() + H.triu(1).T, x.T @ x + y.T @ y, rtol=1e-4, atol=1e-3)
+
+
 def test_wanda_uses_input_norms():
     samples = random_ids(4, 16)
     reference = tiny_model("llama")

@@ -115,7 +115,7 @@ def _prune_block(
         q = W1[:, i].masked_fill(mask1[:, i], 0)
         err = (W1[:, i] - q) / d[i]
         # OBS update of the block's remaining columns; column i itself is set to q exactly, so pruned entries are 0.
-        W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
+        W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)  # in place: no (rows, count) temporary
         W1[:, i] = q
         Err1[:, i] = err
     return mask1, Err1
