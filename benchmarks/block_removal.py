@@ -19,7 +19,7 @@ import torch
 
 from common import run_children, write_result
 
-RUNS = [("sleb", 3), ("sleb", 6), ("oneshot", 6), ("influence", 6)]
+RUNS = [("sleb", 3), ("sleb", 6), ("influence", 6), ("oneshot", 6)]
 REFERENCE = {("sleb", 3): "14, 16, 17 · ppl 36.90 · ≈ 472 s", ("sleb", 6): "13–18 · ppl 57.32 · 887.1 s",
              ("influence", 6): "12, 13, 14, 15, 17, 25 · ppl 64.66 · 179.5 s", ("oneshot", 6): "—"}
 
@@ -60,6 +60,7 @@ def one_run(criterion: str, blocks: int, windows: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default=None, help="CRITERION:BLOCKS, e.g. sleb:6")
+    parser.add_argument("--only-runs", type=int, default=None, help="the first N runs (the last is the one-shot variant)")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -68,7 +69,7 @@ def main() -> None:
         criterion, blocks = json.loads(args.child)
         print("RESULT " + json.dumps(one_run(criterion, blocks, args.windows, args.repeats)))
         return
-    runs = [r for r in RUNS if not args.only or f"{r[0]}:{r[1]}" == args.only]
+    runs = [r for r in RUNS if not args.only or f"{r[0]}:{r[1]}" == args.only][: args.only_runs]
     results = run_children(__file__, runs, ["--windows", str(args.windows), "--repeats", str(args.repeats)])
     rows = []
     for r in results:

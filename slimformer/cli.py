@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from pathlib import Path
 
 import torch
 
@@ -18,7 +16,7 @@ from slimformer.machine import machine_info
 from slimformer.methods import FinetuneConfig, MagnitudeConfig, SLEBConfig, SparseGPTConfig, WandaConfig
 from slimformer.models import ALIASES, DEFAULT_MODEL, load_model
 from slimformer.models.loading import DTYPES
-from slimformer.pipeline import Calibration, CompressJob, run_compress
+from slimformer.pipeline import Calibration, CompressJob, run_compress, write_json
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,14 +26,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code to run")
-
-
-def _write_json(path: str, payload: dict) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(out)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -61,7 +51,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         table.add_row(source, f"{r['perplexity']:.3f}", f"{r['windows']} × {r['seqlen']}",
                       f"{r['tokens_per_s']:.0f}", f"{r['seconds']:.1f}")
     Console().print(table)
-    _write_json(args.out, {"model": args.model, "source": loaded.source, "dtype": args.dtype,
+    write_json(args.out, {"model": args.model, "source": loaded.source, "dtype": args.dtype,
                            "perplexity": results, "machine": machine_info()})
     print(f"results written to {args.out}")
     return 0

@@ -100,10 +100,13 @@ def _save(loaded, job: CompressJob, report: dict) -> None:
     report["size_bytes"] = sizes
     for out in (job.out, job.sparse_out):
         if out:
-            _write_json_atomic(Path(out) / "slimformer.json", report)
+            write_json(Path(out) / "slimformer.json", report)
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
+def write_json(path: str | Path, payload: dict) -> None:
+    """Write ``payload`` as JSON through a temporary file and a rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     os.replace(tmp, path)

@@ -234,6 +234,7 @@ class _PruneVisitor:
 
 
 def _calibrated(adapter: Adapter, config: CalibratedConfig, samples: torch.Tensor | None) -> MethodResult:
+    """Wanda or SparseGPT: calibrate and prune block by block through the runner."""
     if samples is None or samples.numel() == 0:
         raise SlimformerError(f"{config.method} needs calibration samples; the calibration set is empty")
     modules = select_linears(adapter, config.targets, config.ignore)
