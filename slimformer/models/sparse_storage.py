@@ -4,8 +4,8 @@ Each sparse weight ``W`` (rows × cols) is stored as four tensors: ``W.shape``, 
 (the non-zero values in row order), ``W.bitmask`` (one bit per entry, packed little-endian
 along each row) and ``W.row_offsets`` (where each row's values start), with a
 ``quantization_config`` whose ``sparsity_config`` says ``"format": "sparse-bitmask"`` in
-``config.json`` — the layout of compressed-tensors' ``BitmaskCompressor`` (≤ 0.14), which
-vLLM and llm-compressor read. compressed-tensors ≥ 0.15, which transformers 5 requires,
+``config.json`` — the layout of compressed-tensors' ``BitmaskCompressor`` (≤ 0.14, and the
+llm-compressor and vLLM releases built on it). compressed-tensors ≥ 0.15, which transformers 5 requires,
 dropped its sparse compressors, so :func:`load_model` decompresses these checkpoints
 itself; the dense save (:func:`save_model`) remains the copy stock ``transformers`` loads.
 A 50%-sparse float32 weight takes 50% + 1/32 of its dense size.
