@@ -55,10 +55,9 @@ def _check_outputs(job: CompressJob) -> None:
             raise SlimformerError(f"output '{out}' exists; choose another path or pass --overwrite")
 
 
-def _ppl(loaded, windows: int) -> float | None:
-    if not windows:
+def _ppl(loaded, ids: torch.Tensor | None, windows: int) -> float | None:
+    if ids is None:
         return None
-    ids = tokenize(loaded.tokenizer, load_text("wikitext2:test"))
     return perplexity(loaded.model, ids, seqlen=2048, windows=windows).perplexity
 
 
@@ -68,16 +67,17 @@ def run_compress(job: CompressJob) -> dict:
     calib = job.calibration
     text = load_text(calib.source)  # a missing or empty source fails before the model loads
     loaded = load_model(job.model, dtype=job.dtype, device="cpu")
-    needs_samples = job.config.method != "magnitude" or job.finetune or getattr(job.config, "finetune_steps", 0)
+    needs_samples = getattr(job.config, "needs_samples", True) or job.finetune is not None
     samples = sample(loaded.tokenizer, text, calib) if needs_samples else None
+    test_ids = tokenize(loaded.tokenizer, load_text("wikitext2:test")) if job.ppl_windows else None  # once
     report = {"model": job.model, "calibration": asdict(calib), "ppl_windows": job.ppl_windows}
-    report["ppl_before"] = _ppl(loaded, job.ppl_windows)
+    report["ppl_before"] = _ppl(loaded, test_ids, job.ppl_windows)
     result = apply(loaded.adapter, job.config, samples)
     report["result"] = asdict(result)
-    report["ppl_after"] = _ppl(loaded, job.ppl_windows)
+    report["ppl_after"] = _ppl(loaded, test_ids, job.ppl_windows)
     if job.finetune:
         report["finetune"] = asdict(apply(loaded.adapter, job.finetune, samples))
-        report["ppl_after_finetune"] = _ppl(loaded, job.ppl_windows)
+        report["ppl_after_finetune"] = _ppl(loaded, test_ids, job.ppl_windows)
     report["machine"] = machine_info()
     _save(loaded, job, report)
     return report

@@ -86,6 +86,11 @@ class MagnitudeConfig(PruneConfig):
         if self.rounds < 1:
             raise SlimformerError(f"rounds must be at least 1, not {self.rounds}")
 
+    @property
+    def needs_samples(self) -> bool:
+        """Magnitude reads calibration data only to fine-tune between rounds."""
+        return self.finetune_steps > 0
+
 
 @dataclass(frozen=True)
 class WandaConfig(CalibratedConfig):
