@@ -76,6 +76,28 @@ def test_round_scores_are_the_losses_of_the_smaller_models():
     assert result.summary["dense_loss"] == pytest.approx(loss_of(dense, samples), rel=1e-4)
 
 
+def deep_model(blocks=8):
+    torch.manual_seed(0)
+    config = TINY_CONFIGS["llama"]()
+    config.num_hidden_layers = blocks
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_path_cache_gives_the_same_rounds_with_fewer_block_calls():
+    samples = random_ids(2, 16)
+    state_gib = samples.numel() * deep_model().config.hidden_size * 4 / 2**30
+    runs = {}
+    for name, cache in {"off": 0.0, "small": 5 * state_gib, "full": 1.0}.items():
+        model = deep_model()
+        runs[name] = apply(get_adapter(model), SLEBConfig(blocks=4, protect=(), cache_gib=cache), samples).summary
+        assert len(get_adapter(model).blocks) == 4
+    assert runs["small"]["rounds"] == runs["off"]["rounds"]  # bit for bit, not approximately
+    assert runs["full"]["rounds"] == runs["off"]["rounds"]
+    assert runs["full"]["removed"] == runs["off"]["removed"]
+    calls = {name: r["block_calls"] for name, r in runs.items()}
+    assert calls["full"] < calls["small"] < calls["off"], calls
+
+
 def test_oneshot_takes_the_best_first_round_scores():
     samples = random_ids(2, 16)
     result = apply(get_adapter(four_block_model()), SLEBConfig(blocks=2, criterion="oneshot", protect=()), samples)
@@ -138,6 +160,7 @@ def test_shallower_model_reloads_with_the_same_logits_and_generation(family, tmp
         (lambda: SLEBConfig(ratio=0.0), "ratio must be in \\(0, 1\\)"),
         (lambda: SLEBConfig(blocks=0), "at least 1"),
         (lambda: SLEBConfig(blocks=1, criterion="vibes"), "criterion must be one of"),
+        (lambda: SLEBConfig(blocks=1, cache_gib=-1), "cache_gib must be at least 0"),
     ],
 )
 def test_bad_configs(make, message):
