@@ -8,7 +8,7 @@ LAYERS = {  # top-level module or package -> layer
     "errors": 0, "machine": 0,
     "models": 1, "data": 1,
     "calibration": 2,
-    "methods": 3, "evaluation": 3,
+    "methods": 3, "evaluation": 3, "search": 3,
     "pipeline": 4,
     "cli": 5,
 }
