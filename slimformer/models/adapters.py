@@ -50,6 +50,8 @@ class Family:
     kv_heads_field: str | None = "num_key_value_heads"
     intermediate_field: str | None = "intermediate_size"
     per_layer_fields: tuple[str, ...] = field(default=("layer_types",))
+    # Whether the attention reads its head width from ``config.head_dim`` (else hidden / heads).
+    config_head_dim: bool = True
 
 
 def _llama_like(name: str, model_type: str | None = None, norms: tuple[str, ...] | None = None) -> Family:
@@ -90,6 +92,7 @@ FAMILIES: tuple[Family, ...] = (
         heads_field="n_head",
         kv_heads_field=None,
         intermediate_field="n_inner",
+        config_head_dim=False,
     ),
     Family(
         name="opt",
@@ -103,6 +106,7 @@ FAMILIES: tuple[Family, ...] = (
         final_norm="decoder.final_layer_norm",
         kv_heads_field=None,
         intermediate_field="ffn_dim",
+        config_head_dim=False,
     ),
     *(
         Family(
@@ -116,6 +120,7 @@ FAMILIES: tuple[Family, ...] = (
             embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings"),
             final_norm=None,
             kv_heads_field=None,
+            config_head_dim=False,
         )
         for name in ("bert", "roberta")
     ),

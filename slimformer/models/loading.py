@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -32,6 +33,7 @@ from transformers import (
 from slimformer.errors import SlimformerError
 from slimformer.models import sparse_storage
 from slimformer.models.adapters import Adapter, family_for, get_adapter
+from slimformer.models.surgery import reshape_blocks
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +169,8 @@ def load_model(
     try:
         if sparse_storage.is_sparse_checkpoint(config):
             model = sparse_storage.load_sparse(Path(source), cls, config, DTYPES[dtype])
+        elif getattr(config, "slimformer_layer_shapes", None):
+            model = _load_reshaped(Path(source), cls, config, DTYPES[dtype])
         else:
             model = cls.from_pretrained(source, dtype=DTYPES[dtype], use_safetensors=True, **common, **model_kwargs)
     except OSError as e:  # most often: only pickled (.bin) weights, which we refuse to unpickle
@@ -174,6 +178,27 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source, **common)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=get_adapter(model), source=str(source))
+
+
+def _load_reshaped(source: Path, cls, config, dtype: torch.dtype) -> PreTrainedModel:
+    """A model whose blocks have different shapes (``slimformer_layer_shapes``): build, cut to shape, load."""
+    files = sorted(source.glob("*.safetensors"))
+    if not files:
+        raise SlimformerError(f"no safetensors weights in {source}")
+    model = cls.from_config(config, dtype=dtype)
+    reshape_blocks(get_adapter(model), config.slimformer_layer_shapes)
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    head = model.get_output_embeddings()
+    tied = {n for n, p in model.named_parameters() if head is not None and p is head.weight} if getattr(
+        config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise SlimformerError(f"checkpoint {source} does not match its layer shapes "
+                              f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.tie_weights()
+    return model
 
 
 @contextlib.contextmanager

@@ -1,0 +1,147 @@
+"""Search spaces: sub-networks have the configured shapes, extraction equals masking, costs are exact."""
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+from conftest import random_ids, tiny_model, tiny_tokenizer
+from slimformer import SlimformerError, get_adapter, load_model, save_model
+from slimformer.models.surgery import block_shape
+from slimformer.search.importance import lm_loss, mask_gradient_importance, normalised
+from slimformer.search.space import SPACES, Importance, SearchSpace, Subnet, count_params, extract, masked
+
+FAMILIES = ["llama", "qwen3", "gemma2", "gpt2", "opt", "bert"]
+
+
+def outputs(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def random_importance(adapter, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [block_shape(adapter, b) for b in adapter.blocks]
+    return Importance([torch.rand(s["heads"], generator=g) for s in shapes],
+                      [torch.rand(s["intermediate"], generator=g) for s in shapes])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("space_name", SPACES)
+def test_extracted_equals_masked_and_costs_are_exact(family, space_name):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    space = SearchSpace(space_name, adapter, random_importance(adapter))
+    ids = random_ids(2, 12)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        params = space.sample(g)
+        subnet = space.subnet(params)
+        if not subnet.kept_blocks:
+            continue
+        with masked(adapter, subnet):
+            expected = outputs(model, ids)
+        small = extract(model, subnet)
+        torch.testing.assert_close(outputs(small, ids), expected, rtol=1e-4, atol=1e-5)
+        assert count_params(adapter, subnet) == sum(p.numel() for p in small.parameters())
+        kept = [block_shape(get_adapter(small), b) for b in get_adapter(small).blocks]
+        assert [s["heads"] for s in kept] == [len(subnet.heads[b]) for b in subnet.kept_blocks]
+        assert [s["intermediate"] for s in kept] == [len(subnet.units[b]) for b in subnet.kept_blocks]
+    torch.testing.assert_close(outputs(model, ids), outputs(tiny_model(family), ids))  # masks leave no trace
+
+
+def test_counts_keep_the_most_important_units_and_respect_kv_groups():
+    adapter = get_adapter(tiny_model("llama"))  # 4 heads in 2 KV groups, 48 units, 3 blocks
+    imp = Importance([torch.tensor([0.1, 0.9, 0.8, 0.2])] * 3, [torch.arange(48.0)] * 3)
+    space = SearchSpace("small", adapter, imp)
+    dist = space.distributions()
+    assert (dist["heads"].low, dist["heads"].high, dist["heads"].step) == (2, 4, 2)
+    subnet = space.subnet({"blocks": 2, "heads": 2, "units": 5})
+    assert subnet.heads == [[1, 2], [1, 2], None]  # the best head of each KV group
+    assert subnet.units[0] == [43, 44, 45, 46, 47]
+    large = SearchSpace("large", adapter, imp)
+    assert sum(k.startswith("head_0_") for k in large.distributions()) == 2  # one choice per KV group
+    params = {k: 1 for k in large.distributions()} | {"head_1_0": 0}
+    assert large.subnet(params).heads[1] == [2, 3]
+    # A block with neither heads nor units is dropped; with only units it keeps its best head group.
+    params = params | {"head_2_0": 0, "head_2_1": 0}
+    assert large.subnet(params).heads[2] == [0, 1]
+    params = params | {f"unit_2_{u}": 0 for u in range(48)}
+    assert large.subnet(params).heads[2] is None
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_extracted_models_save_and_load(tmp_path, family):
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    ids = random_ids(2, 10)
+    uniform = SearchSpace("small", adapter).subnet({"blocks": 2, "heads": 2, "units": 20})
+    ragged = SearchSpace("medium", adapter).subnet({"heads_0": 4, "units_0": 7, "heads_1": 2, "units_1": 48,
+                                                    "heads_2": 2 if family == "llama" else 3, "units_2": 1})
+    for name, subnet in (("uniform", uniform), ("ragged", ragged)):
+        small = extract(model, subnet)
+        path = save_model(small, tiny_tokenizer(), tmp_path / name)
+        loaded = load_model(str(path)).model
+        torch.testing.assert_close(outputs(loaded, ids), outputs(small, ids))
+        stock = name == "uniform" and family == "llama"  # BERT derives head width from hidden / heads
+        assert hasattr(small.config, "slimformer_layer_shapes") != stock
+        if stock:
+            cls = AutoModelForCausalLM if family == "llama" else AutoModel
+            torch.testing.assert_close(outputs(cls.from_pretrained(path), ids), outputs(small, ids))
+
+
+def test_extracted_decoder_generates_like_the_masked_one():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    subnet = SearchSpace("medium", adapter, random_importance(adapter)).subnet(
+        {"heads_0": 2, "units_0": 9, "heads_1": 4, "units_1": 30, "heads_2": 2, "units_2": 48})
+    small = extract(model, subnet)
+    prompt = random_ids(1, 6)
+    with torch.no_grad(), masked(adapter, subnet):
+        expected = model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(small.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0), expected)
+
+
+def test_mask_gradient_importance_matches_finite_differences():
+    model = tiny_model("llama").double()
+    adapter = get_adapter(model)
+    batches = [random_ids(2, 8, seed=s) for s in range(2)]
+
+    def loss64(model, ids):  # the library loss upcasts to float32, too coarse for finite differences
+        logits = model(input_ids=ids).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    assert loss64(model, batches[0]).item() == pytest.approx(lm_loss(model, batches[0]).item(), rel=1e-6)
+    scores = mask_gradient_importance(adapter, batches, loss64, progress=False)
+    o_proj = adapter.linears(adapter.blocks[1])["o"]
+    eps, hd = 1e-2, 8  # RMSNorm computes in float32 inside: a larger step keeps the rounding out
+    for head in range(4):
+        expected = 0.0
+        for ids in batches:
+            losses = []
+            for sign in (1, -1):
+                scale = torch.ones(4 * hd, dtype=torch.float64)
+                scale[head * hd : (head + 1) * hd] += sign * eps
+                h = o_proj.register_forward_pre_hook(lambda m, a, s=scale: (a[0] * s,))
+                with torch.no_grad():
+                    losses.append(loss64(model, ids).item())
+                h.remove()
+            expected += abs(losses[0] - losses[1]) / (2 * eps)
+        assert scores.heads[1][head].item() == pytest.approx(expected, rel=1e-2)
+    assert all(p.requires_grad for p in model.parameters())
+    norm = normalised(scores)
+    assert norm.units[0].norm().item() == pytest.approx(1.0)
+
+
+def test_bad_space_and_mismatched_subnet():
+    adapter = get_adapter(tiny_model("llama"))
+    with pytest.raises(SlimformerError, match="unknown search space 'huge'"):
+        SearchSpace("huge", adapter)
+    with pytest.raises(SlimformerError, match="missing"):
+        SearchSpace("small", adapter).subnet({"blocks": 1})
+    with pytest.raises(SlimformerError, match="keeps no block"):
+        extract(adapter.model, Subnet([None] * 3, [None] * 3))
+    with pytest.raises(SlimformerError, match="sub-network has 2 blocks"):
+        with masked(adapter, Subnet([[0], [0]], [[0], [0]])):
+            pass
