@@ -4,3 +4,6 @@ from slimformer.data.sources import SOURCES_HELP, data_dir, load_text, tokenize
 from slimformer.data.sampling import calibration_samples, sample_windows
 
 __all__ = ["SOURCES_HELP", "calibration_samples", "data_dir", "load_text", "sample_windows", "tokenize"]
+from slimformer.data.glue import GLUE_TASKS, GlueExample, TaskInfo, glue_task, load_glue
+
+__all__ += ["GLUE_TASKS", "GlueExample", "TaskInfo", "glue_task", "load_glue"]
