@@ -167,7 +167,59 @@ def _add_remove_blocks_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
-COMMANDS = {"eval": cmd_eval, "prune": cmd_prune, "remove-blocks": cmd_remove_blocks}
+def cmd_search(args: argparse.Namespace) -> int:
+    """Structural pruning by multi-objective search: the Pareto set of sub-networks (heads, units, blocks)."""
+    from slimformer.search import runs
+
+    config = runs.config_from_args(args)  # bad spaces, strategies, objectives fail before any loading
+    summary = runs.run_search_job(args.model, args.task, config, args.out, seed=args.seed, nsamples=args.nsamples,
+                                  seqlen=args.seqlen, dtype=args.dtype, progress=True)
+    runs.print_summary(summary)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Cut one searched sub-network out as a smaller model (stock transformers loads uniform shapes)."""
+    from slimformer.search import runs
+
+    path = runs.extract_trial(args.run, args.trial, args.out, overwrite=args.overwrite)
+    print(f"saved {path}")
+    return 0
+
+
+def _add_search_parsers(sub) -> None:
+    from slimformer.search.objectives import OBJECTIVES
+    from slimformer.search.space import SPACES
+    from slimformer.search.strategies import BACKENDS, STRATEGIES
+
+    p = sub.add_parser("search", help=cmd_search.__doc__)
+    _add_model_args(p)
+    p.add_argument("--space", default="small", help=f"search space: {', '.join(SPACES)}")
+    p.add_argument("--objectives", default="error,params", help=f"comma-separated, from {', '.join(OBJECTIVES)}")
+    p.add_argument("--strategy", default="nsga2", help=f"{', '.join(STRATEGIES)}")
+    p.add_argument("--trials", type=int, default=100)
+    p.add_argument("--population", type=int, default=None, help="nsga2: individuals per generation")
+    p.add_argument("--task", default=None,
+                   help="encoders: glue:sst2|mrpc|rte (two-stage search); decoders: a calibration source "
+                        f"({SOURCES_HELP}; default wikitext2:valid)")
+    p.add_argument("--backend", default="local", help=f"where candidates are evaluated: {', '.join(BACKENDS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nsamples", type=int, default=8, help="decoders: calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="decoders: calibration window length")
+    p.add_argument("--epochs", type=float, default=3, help="encoders: fine-tuning epochs (reference and super-network)")
+    p.add_argument("--no-supernet", action="store_true", help="encoders: search the standard fine-tuned weights")
+    p.add_argument("--random-subnets", type=int, default=2, help="sandwich rule: random sub-networks per step")
+    p.add_argument("--train-limit", type=int, default=None, help="encoders: use only the first N training examples")
+    p.add_argument("--out", required=True, help="run folder (running again resumes the search)")
+    p = sub.add_parser("extract", help=cmd_extract.__doc__)
+    p.add_argument("run", help="folder of a finished search")
+    p.add_argument("--trial", type=int, required=True, help="trial number (see search.json)")
+    p.add_argument("--out", required=True, help="folder for the smaller model")
+    p.add_argument("--overwrite", action="store_true")
+
+
+COMMANDS = {"eval": cmd_eval, "prune": cmd_prune, "remove-blocks": cmd_remove_blocks, "search": cmd_search,
+            "extract": cmd_extract}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="eval.json", help="where to write the JSON results")
     _add_prune_parser(sub)
     _add_remove_blocks_parser(sub)
+    _add_search_parsers(sub)
     assert set(sub.choices) == set(COMMANDS), "every verb needs a handler and a parser"
     return parser
 
@@ -224,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # loading takes a second; our own bars show the long work
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)

@@ -1,0 +1,238 @@
+"""Structural search end to end: rank heads and units, train the super-network, search, compare with plain pruning.
+
+Encoders on a GLUE task (the two-stage method of Klein et al. 2024):
+
+1. the training set is split into a training part and a search-validation part (seeded);
+2. a standard fine-tune of the pre-trained encoder gives the reference model, on which
+   heads and FFN units are ranked by mask-gradient importance;
+3. stage 1: a fresh copy of the pre-trained encoder is fine-tuned as a super-network with the
+   sandwich rule (:mod:`slimformer.search.supernet`), units ordered by that ranking;
+4. stage 2: the multi-objective search evaluates sub-networks of the super-network on the
+   search-validation part (no retraining); the Pareto set is then measured on the dev set;
+5. the baseline is plain importance pruning of the standard fine-tuned model: one global
+   threshold on the normalised importance, at the sizes of the Pareto set, no search and no
+   super-network training.
+
+Decoders, one-shot: no training; units are ranked on calibration windows, and sub-networks
+are scored by calibration perplexity with masks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from slimformer.data.glue import glue_task, load_glue
+from slimformer.errors import SlimformerError
+from slimformer.evaluation.glue import batches, classifier_from, evaluate_classifier, finetune_classifier
+from slimformer.models.adapters import Adapter, get_adapter
+from slimformer.search.importance import classifier_loss, lm_loss, mask_gradient_importance, normalised
+from slimformer.search.objectives import Objective, parse_objectives
+from slimformer.search.pareto import hypervolume, pareto_mask
+from slimformer.search.space import SPACES, Importance, SearchSpace, Subnet, count_params, masked
+from slimformer.search.strategies import BACKENDS, STRATEGIES, SearchResult, run_search
+from slimformer.search.supernet import sandwich_loss
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What to search (space, objectives), how (strategy, trials, backend), and the training of stage 1."""
+
+    space: str = "small"
+    objectives: tuple[str, ...] = ("error", "params")
+    strategy: str = "nsga2"
+    trials: int = 100
+    seed: int = 0
+    backend: str = "local"
+    population: int | None = None
+    importance_batches: int = 8
+    # Encoders: fine-tuning of the reference model and of the super-network.
+    epochs: float = 3
+    supernet: bool = True
+    random_subnets: int = 2
+    distill: bool = True
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_length: int = 128
+    train_limit: int | None = None
+    search_valid: int = 500
+    baseline_sizes: tuple[float, ...] = field(default=())
+
+    def __post_init__(self):
+        if self.space not in SPACES:
+            raise SlimformerError(f"unknown search space '{self.space}'; choose one of {', '.join(SPACES)}")
+        if self.strategy not in STRATEGIES:
+            raise SlimformerError(f"unknown strategy '{self.strategy}'; choose one of {', '.join(STRATEGIES)}")
+        if self.backend not in BACKENDS:
+            raise SlimformerError(f"unknown backend '{self.backend}'; choose one of {', '.join(BACKENDS)}")
+        object.__setattr__(self, "objectives", tuple(parse_objectives(list(self.objectives))))
+        if self.trials < 1:
+            raise SlimformerError(f"trials must be at least 1, not {self.trials}")
+
+
+def importance_prune(space: SearchSpace, target: float) -> Subnet:
+    """Plain importance pruning: one global threshold on the normalised head and unit scores, sized to ``target``.
+
+    ``target`` is the fraction of the model's parameters to keep; the threshold is found by
+    bisection. Every block keeps at least its best head group and its best unit.
+    """
+    adapter, imp = space.adapter, normalised(space.importance)
+    total = count_params(adapter)
+
+    def subnet_at(t: float) -> Subnet:
+        heads, units = [], []
+        for b in range(space.blocks):
+            groups = imp.heads[b].view(space.groups, space.group_size)
+            per_group = max(1, int((groups >= t).sum(1).min()))  # a KV group keeps as many heads as the others
+            top = groups.topk(per_group, dim=1).indices + torch.arange(space.groups)[:, None] * space.group_size
+            heads.append(sorted(top.flatten().tolist()))
+            kept = [int(u) for u in torch.nonzero(imp.units[b] >= t).flatten()]
+            units.append(kept or [int(imp.units[b].argmax())])
+        return Subnet(heads, units)
+
+    lo, hi = 0.0, max(max(float(h.max()) for h in imp.heads), max(float(u.max()) for u in imp.units)) + 1e-6
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if count_params(adapter, subnet_at(mid)) / total > target:
+            lo = mid
+        else:
+            hi = mid
+    return subnet_at(hi)
+
+
+def split_train(examples: list, valid: int, seed: int) -> tuple[list, list]:
+    """A seeded split of a training set into (training part, search-validation part of ``valid`` examples)."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    valid = min(valid, len(examples) // 5)
+    held = set(order[:valid])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in order[:valid]]
+
+
+def _error_fn(model, tokenizer, examples, config: SearchConfig, task):
+    def error(subnet: Subnet) -> float:
+        return 1.0 - evaluate_classifier(model, tokenizer, examples, batch_size=64, max_length=config.max_length,
+                                         task=task)["accuracy"]
+    return error
+
+
+@dataclass
+class Stage1:
+    """What the search of an encoder starts from: the reference model, the super-network and the unit ranking."""
+
+    reference: torch.nn.Module
+    supernet: torch.nn.Module
+    importance: Importance
+    timing: dict
+
+
+def task_splits(task: str, config: SearchConfig) -> tuple[object, list, list, list]:
+    """(task info, training part, search-validation part, dev set) of a GLUE task."""
+    info = glue_task(task)
+    train_all, dev = load_glue(info, "train"), load_glue(info, "dev")
+    train, search_valid = split_train(train_all, config.search_valid, config.seed)
+    if config.train_limit:
+        train = train[: config.train_limit]
+    return info, train, search_valid, dev
+
+
+def train_stage1(pretrained, tokenizer, task: str, config: SearchConfig, *, progress: bool = True) -> Stage1:
+    """Fine-tune the reference model, rank its units, and train the super-network (steps 2–3 of the module doc)."""
+    info, train, _, _ = task_splits(task, config)
+    finetune = dict(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, max_length=config.max_length,
+                    seed=config.seed, progress=progress)
+    reference = classifier_from(copy.deepcopy(pretrained), info.num_labels, seed=config.seed)
+    timing = {"reference_finetune_s": finetune_classifier(reference, tokenizer, train, **finetune)["seconds"]}
+    rank_batches = list(batches(tokenizer, train, config.batch_size, config.max_length, shuffle=True,
+                                seed=config.seed))[: config.importance_batches]
+    importance = mask_gradient_importance(get_adapter(reference), rank_batches, classifier_loss, progress=progress)
+    supernet = classifier_from(copy.deepcopy(pretrained), info.num_labels, seed=config.seed)
+    if config.supernet:
+        space = SearchSpace(config.space, get_adapter(supernet), importance)
+        hook = sandwich_loss(space, random_subnets=config.random_subnets, distill=config.distill, seed=config.seed)
+        timing["supernet_finetune_s"] = finetune_classifier(supernet, tokenizer, train, step_hook=hook,
+                                                            **finetune)["seconds"]
+    else:  # no super-network training: search the standard fine-tuned weights
+        supernet.load_state_dict(reference.state_dict())
+    return Stage1(reference.eval(), supernet.eval(), importance, timing)
+
+
+def encoder_search(stage1: Stage1, tokenizer, task: str, config: SearchConfig, *, storage: Path | None = None,
+                   progress: bool = True) -> dict:
+    """Stage 2 and the comparison (steps 4–5): the search, its Pareto set on dev, and importance pruning at its sizes."""
+    info, _, search_valid, dev = task_splits(task, config)
+    supernet, reference = stage1.supernet, stage1.reference
+    space = SearchSpace(config.space, get_adapter(supernet), stage1.importance)
+    latency_input = next(iter(batches(tokenizer, dev[:32], 32, config.max_length)))["input_ids"]
+    objective = Objective(space, list(config.objectives), _error_fn(supernet, tokenizer, search_valid, config, info),
+                          latency_input=latency_input)
+    result = run_search(space.distributions(), objective, objectives=config.objectives, strategy=config.strategy,
+                        trials=config.trials, seed=config.seed, storage=storage, backend=config.backend,
+                        population=config.population, progress=progress,
+                        initial=[space.largest(), space.smallest()])
+    dev_eval = dict(max_length=config.max_length, task=info)
+    front = []
+    for trial in result.pareto_trials():
+        subnet = space.subnet(trial["params"])
+        with masked(space.adapter, subnet):
+            metrics = evaluate_classifier(supernet, tokenizer, dev, **dev_eval)
+        front.append({"number": trial["number"], "params": count_params(space.adapter, subnet) / objective.total_params,
+                      "search_values": trial["values"], "dev": metrics})
+    ref_adapter = get_adapter(reference)
+    ref_space = SearchSpace(config.space, ref_adapter, stage1.importance)
+    sizes = config.baseline_sizes or tuple(sorted({round(p["params"], 3) for p in front}))
+    baseline = []
+    for size in sizes:
+        subnet = importance_prune(ref_space, size)
+        with masked(ref_adapter, subnet):
+            metrics = evaluate_classifier(reference, tokenizer, dev, **dev_eval)
+        baseline.append({"target": size, "params": count_params(ref_adapter, subnet) / objective.total_params,
+                         "dev": metrics})
+    return {"task": info.name, "result": result, "space": space, "dev_front": front, "baseline": baseline,
+            "reference_dev": evaluate_classifier(reference, tokenizer, dev, **dev_eval),
+            "supernet_dev": evaluate_classifier(supernet, tokenizer, dev, **dev_eval)}
+
+
+def calibration_perplexity(model, samples: torch.Tensor) -> float:
+    """exp(mean next-token loss) over calibration windows of equal length."""
+    with torch.no_grad():
+        losses = [lm_loss(model, window[None]).item() for window in samples]
+    return math.exp(sum(losses) / len(losses))
+
+
+def decoder_search(adapter: Adapter, samples: torch.Tensor, config: SearchConfig, *, storage: Path | None = None,
+                   progress: bool = True, latency_input: torch.Tensor | None = None) -> dict:
+    """One-shot search for a decoder: importance and perplexity on calibration windows, no training."""
+    rank = list(samples[: config.importance_batches].split(1))
+    importance = mask_gradient_importance(adapter, rank, lm_loss, progress=progress)
+    space = SearchSpace(config.space, adapter, importance)
+    objective = Objective(space, list(config.objectives), lambda subnet: calibration_perplexity(adapter.model, samples),
+                          latency_input=latency_input if latency_input is not None else samples[:1])
+    result = run_search(space.distributions(), objective, objectives=config.objectives, strategy=config.strategy,
+                        trials=config.trials, seed=config.seed, storage=storage, backend=config.backend,
+                        population=config.population, progress=progress,
+                        initial=[space.largest(), space.smallest()])
+    return {"config": asdict(config), "result": result, "space": space, "importance": importance}
+
+
+def dominates(front: list[tuple[float, float]], other: list[tuple[float, float]]) -> bool:
+    """Whether every point of ``other`` is weakly dominated by some point of ``front`` (both minimised)."""
+    return all(any(a[0] <= b[0] and a[1] <= b[1] for a in front) for b in other)
+
+
+def front_summary(points: list[tuple[float, float]], reference: tuple[float, float]) -> dict:
+    """The non-dominated points of a 2-objective set and their hypervolume against ``reference``."""
+    if not points:
+        return {"front": [], "hypervolume": 0.0}
+    mask = pareto_mask(points)
+    front = sorted(p for p, keep in zip(points, mask) if keep)
+    return {"front": front, "hypervolume": float(hypervolume(points, reference))}
+
+
+__all__ = ["SearchConfig", "Stage1", "calibration_perplexity", "decoder_search", "dominates", "encoder_search",
+           "front_summary", "importance_prune", "split_train", "task_splits", "train_stage1"]

@@ -1,0 +1,116 @@
+"""Structural search end to end on tiny models: decoder one-shot, encoder two-stage, CLI, resume and extraction."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import random_ids, tiny_model, tiny_tokenizer
+from slimformer import SlimformerError, get_adapter, load_model, save_model
+from slimformer.cli import main
+from slimformer.search.space import Importance, SearchSpace, count_params, masked
+from slimformer.search.strategies import SearchResult
+from slimformer.search.structural import (SearchConfig, dominates, decoder_search, encoder_search, importance_prune,
+                                          train_stage1)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_importance_pruning_hits_the_target_size(family):
+    adapter = get_adapter(tiny_model(family))
+    g = torch.Generator().manual_seed(0)
+    shapes = [(4, 48)] * 3
+    space = SearchSpace("large", adapter, Importance([torch.rand(h, generator=g) for h, _ in shapes],
+                                                     [torch.rand(u, generator=g) for _, u in shapes]))
+    total = count_params(adapter)
+    last = 0
+    for target in (0.6, 0.75, 0.9):
+        subnet = importance_prune(space, target)
+        size = count_params(adapter, subnet) / total
+        assert size <= target + 0.02 and size >= target - 0.06, (target, size)
+        assert size >= last
+        last = size
+
+
+def test_decoder_one_shot_search_scores_subnetworks_by_perplexity():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    samples = random_ids(3, 16)
+    config = SearchConfig(space="medium", strategy="random", trials=6, importance_batches=2)
+    found = decoder_search(adapter, samples, config, progress=False)
+    result = found["result"]
+    assert len(result.trials) == 6 and result.pareto
+    assert result.trials[0]["params"] == found["space"].largest()
+    assert result.trials[0]["values"][1] == pytest.approx(1.0)  # the full model keeps all parameters
+    full_loss = torch.nn.functional.cross_entropy(
+        model(input_ids=samples).logits[:, :-1].flatten(0, 1), samples[:, 1:].flatten()).exp().item()
+    assert result.trials[0]["values"][0] == pytest.approx(full_loss, rel=1e-4)
+    smallest = result.trials[1]
+    assert smallest["values"][1] < 0.9
+
+
+def test_encoder_two_stage_search_runs_and_compares_with_importance_pruning():
+    encoder, tokenizer = tiny_model("bert"), tiny_tokenizer()
+    config = SearchConfig(space="small", strategy="random", trials=4, epochs=1, train_limit=64, search_valid=40,
+                          batch_size=16, importance_batches=2, max_length=48)
+    stage1 = train_stage1(encoder, tokenizer, "glue:rte", config, progress=False)
+    assert set(stage1.timing) == {"reference_finetune_s", "supernet_finetune_s"}
+    found = encoder_search(stage1, tokenizer, "rte", config, progress=False)
+    assert len(found["result"].trials) == 4
+    assert len(found["dev_front"]) == len(found["result"].pareto)
+    assert [b["target"] for b in found["baseline"]] == sorted({round(p["params"], 3) for p in found["dev_front"]})
+    for row in found["dev_front"] + found["baseline"]:
+        assert 0 <= row["dev"]["accuracy"] <= 1 and row["dev"]["examples"] == 277
+
+
+def test_dominance():
+    assert dominates([(0.5, 0.2), (1.0, 0.1)], [(0.5, 0.3), (1.0, 0.1)])
+    assert not dominates([(0.5, 0.2)], [(0.4, 0.3)])
+
+
+def test_cli_search_resumes_and_extracts(saved_tiny, tmp_path, capsys):
+    path, text = saved_tiny
+    out = tmp_path / "run"
+    args = ["search", str(path), "--space", "medium", "--strategy", "random", "--task", f"text:{text}",
+            "--nsamples", "3", "--seqlen", "16", "--out", str(out)]
+    assert main([*args, "--trials", "3"]) == 0
+    first = json.loads((out / "search.json").read_text())
+    assert main([*args, "--trials", "5"]) == 0
+    second = json.loads((out / "search.json").read_text())
+    assert [t["params"] for t in second["trials"][:3]] == [t["params"] for t in first["trials"]]
+    assert len(second["trials"]) == 5 and (out / "front.png").stat().st_size > 0
+    trial = second["trials"][second["pareto"][-1]]
+    assert main(["extract", str(out), "--trial", str(trial["number"]), "--out", str(tmp_path / "small")]) == 0
+    small = load_model(str(tmp_path / "small")).model
+    dense = load_model(str(path))
+    from slimformer.search.runs import _load_importance
+
+    space = SearchSpace("medium", dense.adapter, _load_importance(out / "importance.pt"))
+    ids = random_ids(1, 12)
+    with torch.no_grad(), masked(dense.adapter, space.subnet(trial["params"])):
+        expected = dense.model(input_ids=ids).logits
+    torch.testing.assert_close(small(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-5)
+    # A different search in the same folder is refused.
+    assert main([*args, "--trials", "5", "--space", "small"]) == 2
+    assert "holds a different search" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--space", "huge"], "unknown search space 'huge'"),
+    (["--strategy", "annealing"], "unknown strategy 'annealing'"),
+    (["--objectives", "error,beauty"], "unknown objective 'beauty'"),
+    (["--backend", "slurm"], "unknown backend 'slurm'"),
+])
+def test_cli_search_bad_input(saved_tiny, tmp_path, capsys, flags, message):
+    path, text = saved_tiny
+    assert main(["search", str(path), "--task", f"text:{text}", "--out", str(tmp_path / "r"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_encoder_needs_a_glue_task_with_data(tmp_path, capsys):
+    path = save_model(tiny_model("bert"), tiny_tokenizer(), tmp_path / "bert")
+    assert main(["search", str(path), "--task", "wikitext2", "--out", str(tmp_path / "r")]) == 2
+    assert "GLUE task" in capsys.readouterr().err
+    assert main(["search", str(path), "--task", "glue:cola", "--out", str(tmp_path / "r")]) == 2
+    assert "cola" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
