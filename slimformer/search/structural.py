@@ -136,8 +136,8 @@ def task_splits(task: str, config: SearchConfig) -> tuple[object, list, list, li
     info = glue_task(task)
     train_all, dev = load_glue(info, "train"), load_glue(info, "dev")
     train, search_valid = split_train(train_all, config.search_valid, config.seed)
-    if config.train_limit:
-        train = train[: config.train_limit]
+    if config.train_limit:  # a seeded sample, not the head of the file (SST-2's file is not shuffled)
+        train = random.Random(config.seed).sample(train, min(config.train_limit, len(train)))
     return info, train, search_valid, dev
 
 

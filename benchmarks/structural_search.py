@@ -1,0 +1,139 @@
+"""Structural search benchmark: MiniLM-L6 on GLUE (two-stage search vs importance pruning) and SmolLM2 one-shot.
+
+MiniLM-L6 (``minilm-l6``), for each of RTE, MRPC and SST-2: a seeded sample of the training
+set (``--train-limit``, default 800 examples; 200 more held out for the search), 2 epochs at
+lr 1e-4, batch 32, 128 tokens. The reference model is a standard fine-tune; stage 1 trains a
+fresh copy as a super-network (sandwich rule: largest + smallest + one random sub-network,
+in-place distillation); stage 2 runs NSGA-II over the ``small`` space (blocks, heads, units)
+for ``--trials`` trials, objectives (1 − accuracy on the held-out 200, relative parameters).
+The Pareto set is then measured on the full dev set, and plain importance pruning (one global
+threshold on the normalised mask-gradient importance of the reference model, no search, no
+super-network) is measured at the same sizes. Hypervolume on dev: reference point
+(1.0 relative parameters, 0.5 error = chance).
+
+SmolLM2-135M, one-shot (no training): the ``medium`` space (heads and units per block),
+NSGA-II, objectives (calibration perplexity on 8 × 512 WikiText-2 valid windows, relative
+parameters); importance from the same windows.
+
+    python benchmarks/structural_search.py [--only rte,mrpc,sst2,smollm2] [--trials 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from common import RESULTS, run_children, write_result
+
+RUNS = ["rte", "mrpc", "sst2", "smollm2"]
+WORK = Path(__file__).resolve().parents[1] / "runs" / "bench-structural"
+HV_REFERENCE = (1.0, 0.5)
+
+
+def encoder_run(task: str, trials: int, train_limit: int) -> dict:
+    """The two-stage search on one GLUE task, and importance pruning at the sizes of its Pareto set."""
+    import torch
+
+    from slimformer import load_model
+    from slimformer.search.pareto import hypervolume, plot_front
+    from slimformer.search.structural import SearchConfig, dominates, encoder_search, train_stage1
+
+    torch.set_num_threads(2)
+    loaded = load_model("minilm-l6")
+    config = SearchConfig(space="small", objectives=("error", "params"), strategy="nsga2", trials=trials,
+                          population=10, epochs=2, lr=1e-4, random_subnets=1, train_limit=train_limit,
+                          search_valid=200)
+    start = time.perf_counter()
+    stage1 = train_stage1(loaded.model, loaded.tokenizer, task, config, progress=False)
+    stage1_s = time.perf_counter() - start
+    start = time.perf_counter()
+    found = encoder_search(stage1, loaded.tokenizer, task, config, progress=False)
+    search_s = time.perf_counter() - start
+    searched = [(p["params"], 1 - p["dev"]["accuracy"]) for p in found["dev_front"]]
+    baseline = [(b["params"], 1 - b["dev"]["accuracy"]) for b in found["baseline"]]
+    plot_front({"two-stage search (dev)": searched, "importance pruning (dev)": baseline},
+               RESULTS / f"structural_minilm_{task}.png", labels=("relative parameters", "1 − accuracy (dev)"),
+               reference=HV_REFERENCE, title=f"MiniLM-L6 on {task.upper()}: searched front vs importance pruning")
+    return {
+        "task": task, "trials": trials, "train_examples": train_limit,
+        "reference_dev": found["reference_dev"], "supernet_dev": found["supernet_dev"],
+        "dev_front": found["dev_front"], "baseline": found["baseline"],
+        "hypervolume_search": hypervolume(searched, HV_REFERENCE),
+        "hypervolume_baseline": hypervolume(baseline, HV_REFERENCE),
+        "search_dominates_baseline": dominates(searched, baseline),
+        "search_trials": found["result"].trials,
+        "stage1_s": stage1_s, "stage1_timing": stage1.timing, "search_s": search_s,
+    }
+
+
+def decoder_run(trials: int) -> dict:
+    """The one-shot search of SmolLM2-135M's heads and units by calibration perplexity."""
+    import torch
+
+    from slimformer import load_model
+    from slimformer.data import calibration_samples
+    from slimformer.search.pareto import plot_front
+    from slimformer.search.structural import SearchConfig, decoder_search
+
+    torch.set_num_threads(2)
+    loaded = load_model("smollm2-135m")
+    samples = calibration_samples(loaded.tokenizer, "wikitext2:valid", n=8, seqlen=512, seed=0)
+    config = SearchConfig(space="medium", objectives=("error", "params"), strategy="nsga2", trials=trials,
+                          population=20, importance_batches=8)
+    start = time.perf_counter()
+    found = decoder_search(loaded.adapter, samples, config, progress=False)
+    seconds = time.perf_counter() - start
+    result = found["result"]
+    points = [(t["values"][1], t["values"][0]) for t in result.trials]
+    plot_front({"one-shot search": points}, RESULTS / "structural_smollm2.png",
+               labels=("relative parameters", "calibration perplexity"),
+               title="SmolLM2-135M, one-shot: perplexity vs parameters")
+    return {"task": "smollm2", "trials": trials, "seconds": seconds,
+            "pareto": [{"number": result.trials[i]["number"], "values": result.trials[i]["values"]}
+                       for i in result.pareto],
+            "pareto_points": [points[i] for i in result.pareto], "hypervolume": result.hypervolume,
+            "reference": result.reference}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", default=",".join(RUNS))
+    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--train-limit", type=int, default=800)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        run = json.loads(args.child)
+        out = decoder_run(args.trials * 2) if run == "smollm2" else encoder_run(run, args.trials, args.train_limit)
+        print("RESULT " + json.dumps(out, default=float))
+        return
+    runs = [r for r in RUNS if r in args.only.split(",")]
+    shutil.rmtree(WORK, ignore_errors=True)
+    results = run_children(__file__, runs, ["--trials", str(args.trials), "--train-limit", str(args.train_limit)])
+    rows = []
+    for r in results:
+        if r["task"] == "smollm2":
+            front = ", ".join(f"{p:.2f}→{e:.1f}" for p, e in sorted(r["pareto_points"]))
+            rows.append(("SmolLM2 one-shot (params → calibration ppl)",
+                         f"{r['trials']} trials in {r['seconds']:.0f} s; Pareto set: {front}"))
+            continue
+        front = ", ".join(f"{p['params']:.2f}→{p['dev']['accuracy']:.3f}" for p in sorted(r["dev_front"], key=lambda p: p["params"]))
+        base = ", ".join(f"{b['params']:.2f}→{b['dev']['accuracy']:.3f}" for b in r["baseline"])
+        rows.append((f"{r['task'].upper()} reference / super-network (full) dev accuracy",
+                     f"{r['reference_dev']['accuracy']:.3f} / {r['supernet_dev']['accuracy']:.3f}"))
+        rows.append((f"{r['task'].upper()} searched Pareto set on dev (params → accuracy)", front))
+        rows.append((f"{r['task'].upper()} importance pruning on dev (params → accuracy)", base))
+        rows.append((f"{r['task'].upper()} hypervolume search / baseline; search dominates",
+                     f"{r['hypervolume_search']:.4f} / {r['hypervolume_baseline']:.4f}; {r['search_dominates_baseline']}"))
+        rows.append((f"{r['task'].upper()} wall time", f"stage 1 {r['stage1_s']:.0f} s "
+                     f"(reference {r['stage1_timing']['reference_finetune_s']:.0f} s, super-network "
+                     f"{r['stage1_timing']['supernet_finetune_s']:.0f} s), search + dev evaluation {r['search_s']:.0f} s"))
+    name = "structural_search" if len(runs) == len(RUNS) else "structural_search_" + "_".join(runs)
+    write_result(name, {"runs": results}, rows)
+
+
+if __name__ == "__main__":
+    main()
