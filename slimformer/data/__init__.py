@@ -7,3 +7,6 @@ __all__ = ["SOURCES_HELP", "calibration_samples", "data_dir", "load_text", "samp
 from slimformer.data.glue import GLUE_TASKS, GlueExample, TaskInfo, glue_task, load_glue
 
 __all__ += ["GLUE_TASKS", "GlueExample", "TaskInfo", "glue_task", "load_glue"]
+from slimformer.data.tasks import TASKS, TASKS_HELP, MCExample, load_task
+
+__all__ += ["TASKS", "TASKS_HELP", "MCExample", "load_task"]

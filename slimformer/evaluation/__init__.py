@@ -6,3 +6,7 @@ __all__ = ["PerplexityResult", "max_positions", "perplexity"]
 from slimformer.evaluation.glue import batches, classifier_from, evaluate_classifier, finetune_classifier
 
 __all__ += ["batches", "classifier_from", "evaluate_classifier", "finetune_classifier"]
+from slimformer.evaluation.zeroshot import encode_pair, evaluate_task, score_choices
+from slimformer.evaluation.lm_eval_bridge import run_lm_eval, write_task_yaml
+
+__all__ += ["encode_pair", "evaluate_task", "run_lm_eval", "score_choices", "write_task_yaml"]

@@ -1,0 +1,182 @@
+"""Zero-shot multiple-choice tasks: PIQA, ARC-Easy and BoolQ from the data directory, and a generic jsonl format.
+
+Each example is a context and its choices, prompted exactly as lm-evaluation-harness's task
+definitions prompt them (``lm_eval/tasks/piqa/piqa.yaml``, ``arc/arc_easy.yaml``,
+``super_glue/boolq/default.yaml``), so accuracies compare with the harness's. The choices
+are stored without the harness's target delimiter; the scorer puts the ``" "`` before each.
+
+ARC-Easy and BoolQ come in MosaicML's format (a prefabricated ``query``), from which the
+harness prompt is rebuilt. Differences remain that the files cannot undo: the BoolQ passages
+lack SuperGLUE's ``"<title> -- "`` prefix (and 22 of them had " question" rewritten, restored
+up to its case); ARC questions with 3 options were padded to 4 by repeating a distractor
+(same accuracy: a repeat comes after the original and never wins a tie).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimformer.data.sources import data_dir
+from slimformer.errors import SlimformerError
+
+TASKS: dict[str, str] = {
+    "piqa": "PIQA validation, 1838 two-choice physical commonsense questions (original files)",
+    "arc_easy": "ARC-Easy test, 2376 grade-school science questions (MosaicML copy)",
+    "boolq": "BoolQ validation, 3270 yes/no questions about a passage (MosaicML copy)",
+}
+TASKS_HELP = f"{', '.join(TASKS)}, jsonl:PATH (or PATH.jsonl) with context, choices, gold per line"
+
+
+@dataclass
+class MCExample:
+    """A multiple-choice example: the prompt, the candidate continuations, and the index of the right one."""
+
+    context: str
+    choices: list[str]
+    gold: int
+
+
+def load_task(name_or_path: str, limit: int | None = None) -> list[MCExample]:
+    """The examples of a named task or a generic jsonl file (``jsonl:PATH`` or ``PATH.jsonl``), the first ``limit``."""
+    if limit is not None and limit < 1:
+        raise SlimformerError(f"limit must be at least 1, not {limit}")
+    if name_or_path in TASKS:
+        root = data_dir(required=True)
+        examples = {"piqa": _piqa, "arc_easy": _arc_easy, "boolq": _boolq}[name_or_path](root)
+    elif name_or_path.startswith("jsonl:") or name_or_path.endswith(".jsonl"):
+        path = Path(name_or_path.removeprefix("jsonl:")).expanduser()
+        if not path.is_file():
+            raise SlimformerError(f"task file not found: {path}")
+        examples = [_generic(obj, path, n) for n, obj in _jsonl(path)]
+    else:
+        raise SlimformerError(f"unknown task '{name_or_path}'; use {TASKS_HELP}")
+    if not examples:
+        raise SlimformerError(f"task '{name_or_path}' has no examples")
+    return examples[:limit]
+
+
+def _data_file(root: Path, relpath: str) -> Path:
+    path = root / relpath
+    if not path.is_file():
+        raise SlimformerError(f"task data not found at {path}; set $SLIMFORMER_DATA to a folder holding {relpath}")
+    return path
+
+
+def _jsonl(path: Path) -> list[tuple[int, dict]]:
+    """The JSON objects of a file with their line numbers, blank lines skipped."""
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SlimformerError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise SlimformerError(f"{path}:{n}: not a JSON object")
+            rows.append((n, obj))
+    return rows
+
+
+def _field(obj: dict, name: str, kind: type, path: Path, n: int):
+    if name not in obj:
+        raise SlimformerError(f"{path}:{n}: missing field '{name}'")
+    value = obj[name]
+    # bool is an int subclass: a gold of true/false is a mistake, not an index
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise SlimformerError(f"{path}:{n}: field '{name}' must be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def _choices(obj: dict, path: Path, n: int) -> list[str]:
+    choices = _field(obj, "choices", list, path, n)
+    if not choices or not all(isinstance(c, str) for c in choices):
+        raise SlimformerError(f"{path}:{n}: field 'choices' must be a non-empty list of strings")
+    return choices
+
+
+def _gold(value: int, choices: list[str], path: Path, n: int) -> int:
+    if not 0 <= value < len(choices):
+        raise SlimformerError(f"{path}:{n}: gold {value} is out of range for {len(choices)} choices")
+    return value
+
+
+def _generic(obj: dict, path: Path, n: int) -> MCExample:
+    context = _field(obj, "context", str, path, n)
+    choices = _choices(obj, path, n)
+    return MCExample(context, choices, _gold(_field(obj, "gold", int, path, n), choices, path, n))
+
+
+def _piqa(root: Path) -> list[MCExample]:
+    path = _data_file(root, "piqa/valid.jsonl")
+    labels_path = _data_file(root, "piqa/valid-labels.lst")
+    rows = _jsonl(path)
+    labels = [(n, line.strip()) for n, line in enumerate(labels_path.read_text(encoding="utf-8").splitlines(), 1)]
+    labels = [(n, label) for n, label in labels if label]
+    if len(labels) != len(rows):
+        raise SlimformerError(f"{labels_path} has {len(labels)} labels but {path} has {len(rows)} questions")
+    examples = []
+    for (n, obj), (label_line, label) in zip(rows, labels):
+        if label not in ("0", "1"):
+            raise SlimformerError(f"{labels_path}:{label_line}: label must be 0 or 1, not '{label}'")
+        goal, sol1, sol2 = (_field(obj, name, str, path, n) for name in ("goal", "sol1", "sol2"))
+        examples.append(MCExample(f"Question: {goal}\nAnswer:", [sol1, sol2], int(label)))
+    return examples
+
+
+def _mosaic(path: Path) -> list[tuple[int, str, list[str], int]]:
+    """MosaicML ICL rows as (line, query, choices, gold), checked."""
+    rows = []
+    for n, obj in _jsonl(path):
+        query = _field(obj, "query", str, path, n)
+        choices = _choices(obj, path, n)
+        rows.append((n, query, choices, _gold(_field(obj, "gold", int, path, n), choices, path, n)))
+    return rows
+
+
+def _arc_easy(root: Path) -> list[MCExample]:
+    path = _data_file(root, "arc-easy/arc_easy_test.mosaicml.jsonl")
+    examples = []
+    for n, query, choices, gold in _mosaic(path):
+        if not query.startswith("Question: "):
+            raise SlimformerError(f"{path}:{n}: query does not start with 'Question: '")
+        # MosaicML's query is the harness prompt without its answer cue
+        examples.append(MCExample(f"{query}\nAnswer:", choices, gold))
+    return examples
+
+
+_QUESTION = "\nQuestion: "
+# MosaicML also turned every " question" inside a passage into "\nQuestion" (22 passages); undone
+# below, keeping the capital after a sentence end (a title such as "Snakes in Question" stays lower)
+_MANGLED = re.compile(r"(\S)\nQuestion")
+
+
+def _unmangle(m: re.Match) -> str:
+    return m.group(1) + (" Question" if m.group(1) in ".?!'\"" else " question")
+
+
+def _boolq_fields(query: str) -> tuple[str, str]:
+    """The passage and question of a MosaicML BoolQ query ``"Passage: ...\\nQuestion: ...?"``."""
+    if not query.startswith("Passage: ") or _QUESTION not in query or not query.endswith("?"):
+        raise ValueError("query is not 'Passage: ...\\nQuestion: ...?'")
+    # the question follows the last marker: a passage can hold "\nQuestion: " itself
+    passage, _, question = query.removeprefix("Passage: ").rpartition(_QUESTION)
+    return _MANGLED.sub(_unmangle, passage), question.removesuffix("?")
+
+
+def _boolq(root: Path) -> list[MCExample]:
+    path = _data_file(root, "boolq/boolq_dev.mosaicml.jsonl")
+    examples = []
+    for n, query, choices, gold in _mosaic(path):
+        if choices != ["no", "yes"]:
+            raise SlimformerError(f"{path}:{n}: choices must be [\"no\", \"yes\"], not {choices}")
+        try:
+            passage, question = _boolq_fields(query)
+        except ValueError as e:
+            raise SlimformerError(f"{path}:{n}: {e}") from None
+        examples.append(MCExample(f"{passage}\nQuestion: {question}?\nAnswer:", choices, gold))
+    return examples
