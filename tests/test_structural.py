@@ -114,3 +114,18 @@ def test_encoder_needs_a_glue_task_with_data(tmp_path, capsys):
     assert main(["search", str(path), "--task", "glue:cola", "--out", str(tmp_path / "r")]) == 2
     assert "cola" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_ray_backend_evaluates_subnetworks_like_the_local_one():
+    adapter = get_adapter(tiny_model("llama"))
+    samples = random_ids(2, 12)
+    runs = {}
+    for backend in ("local", "ray"):
+        config = SearchConfig(space="small", strategy="random", trials=4, importance_batches=1, backend=backend)
+        runs[backend] = decoder_search(adapter, samples, config, progress=False)["result"]
+    local = {json.dumps(t["params"], sort_keys=True): t["values"] for t in runs["local"].trials}
+    for t in runs["ray"].trials:  # whatever Ray's batches sampled, each point is measured as in-process
+        key = json.dumps(t["params"], sort_keys=True)
+        if key in local:
+            assert t["values"] == pytest.approx(local[key], rel=1e-5)
+    assert len(runs["ray"].trials) == 4 and runs["ray"].trials[0]["values"] == pytest.approx(runs["local"].trials[0]["values"])
