@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
+# Headless Chromium renders report.html in the report test; where apt-get cannot install it, that test skips.
 setup: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || \
+	  echo "note: chromium not installed (apt-get unavailable or not root); the report's browser test will skip"
 
 # torch first and by exact version: a plain `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements-models.txt
