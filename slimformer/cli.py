@@ -218,7 +218,68 @@ def _add_search_parsers(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
-COMMANDS = {"eval": cmd_eval, "prune": cmd_prune, "remove-blocks": cmd_remove_blocks, "search": cmd_search,
+def _before_after_table(rows: list[dict], title: str):
+    """The report's before/after rows as a table (the same figures report.html shows)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("figure", "before", "after", "change"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    for r in rows:
+        table.add_row(r["metric"], _fmt(r.get("before"), r["key"]), _fmt(r.get("after"), r["key"]),
+                      f"{r['change']:.3f}×" if r.get("change") is not None else "")
+    return table
+
+
+def _fmt(value, key: str) -> str:
+    if value is None:
+        return ""
+    if key == "size_bytes":
+        return f"{value / 2**20:.1f} MiB"
+    if key in ("params", "nonzero_params", "flops_per_token"):
+        return f"{value / 1e6:.1f} M"
+    if key == "sparsity":
+        return f"{100 * value:.1f}%"
+    if key == "blocks":
+        return f"{value:.0f}"
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a recipe (a YAML list of steps) end to end: the compressed model, its figures and report."""
+    from rich.console import Console
+
+    from slimformer.recipes import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe)  # an invalid recipe fails here, before any work
+    summary = run_recipe(recipe, args.out, model=args.model, overwrite=args.overwrite)
+    console = Console()
+    console.print(_before_after_table(summary["before_after"], f"{args.model or recipe.model}: before → after"))
+    console.print(f"model: {args.out}\nreport: {summary['report_html']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild report.json and report.html of a run folder."""
+    from slimformer.report import build_report
+
+    json_path, html_path = build_report(args.run)
+    print(f"report: {html_path}\nfigures: {json_path}")
+    return 0
+
+
+def _add_run_parsers(sub) -> None:
+    p = sub.add_parser("run", help=cmd_run.__doc__)
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("--model", default=None, help="use this model instead of the recipe's")
+    p.add_argument("--out", required=True, help="output folder (written when the recipe finishes)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p = sub.add_parser("report", help=cmd_report.__doc__)
+    p.add_argument("run", help="run folder")
+
+
+COMMANDS = {"eval": cmd_eval, "run": cmd_run, "report": cmd_report, "prune": cmd_prune, "remove-blocks": cmd_remove_blocks, "search": cmd_search,
             "extract": cmd_extract}
 
 
@@ -236,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_parser(sub)
     _add_remove_blocks_parser(sub)
     _add_search_parsers(sub)
+    _add_run_parsers(sub)
     assert set(sub.choices) == set(COMMANDS), "every verb needs a handler and a parser"
     return parser
 

@@ -1,0 +1,396 @@
+"""Recipes: a YAML list of compression steps, run end to end with a measurement and a checkpoint after each step.
+
+A recipe names the model, the calibration data, the seed, what to measure, and the steps::
+
+    model: smollm2-135m
+    seed: 0
+    calibration: {source: "wikitext2:valid", nsamples: 8, seqlen: 512}
+    measure: {ppl_windows: 8, speed: true}
+    steps:
+      - {method: sleb, ratio: 0.2, criterion: influence}
+      - {method: wanda, sparsity: 0.5}
+      - {method: finetune, steps: 50, seqlen: 256}
+      - {method: eval, ppl: wikitext2, windows: 8, tasks: [piqa], limit: 200}
+
+Each step is a method's config (every field of its dataclass may be given; see
+``slimformer.methods``) or ``eval``. A misspelt method or field is reported with its line
+and the closest valid name, before any work starts.
+
+:func:`run_recipe` keeps its progress in a work folder beside the output
+(``.OUT.work``): after every finished step the model and the figures are saved there, so
+running the same recipe again after an interruption resumes after the last finished step.
+The output folder appears only when the whole recipe is done (model, one
+``steps/NN-method/slimformer.json`` per step, ``eval.json`` with the original and the final
+model measured side by side, ``report.json`` and ``report.html``). :func:`compress` runs a
+recipe in memory, for notebooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import shutil
+import tempfile
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from slimformer.data import load_text, sample_windows, tokenize
+from slimformer.errors import SlimformerError
+from slimformer.evaluation import evaluate_task, measure_costs, perplexity
+from slimformer.machine import machine_info
+from slimformer.methods import METHODS, apply, config_dict
+from slimformer.methods.base import MethodResult
+from slimformer.models import DEFAULT_MODEL, LoadedModel, load_model, save_model
+from slimformer.models.loading import atomic_dir
+from slimformer.report import build_report
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """A measurement step: perplexity on a text source and zero-shot multiple-choice tasks.
+
+    YAML: ``{method: eval, ppl: wikitext2, windows: 8, tasks: [piqa, arc_easy], limit: 200}``
+    """
+
+    method: ClassVar[str] = "eval"
+    ppl: str | None = "wikitext2"
+    windows: int | None = 8
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    batch_size: int = 16
+
+    def __post_init__(self):
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+        if self.windows is not None and self.windows < 1:
+            raise SlimformerError(f"windows must be at least 1, not {self.windows}")
+
+
+STEPS: dict[str, type] = {**METHODS, "eval": EvalConfig}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration samples for every step that needs them: ``nsamples × seqlen`` seeded windows of ``source``."""
+
+    source: str = "wikitext2:valid"
+    nsamples: int = 32
+    seqlen: int = 2048
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What is measured before the first step and after every step.
+
+    ``ppl_windows`` windows of 2048 tokens of WikiText-2 test (0: none); with ``speed``, the
+    prefill latency of ``prefill_tokens`` tokens and greedy decoding of ``new_tokens`` after
+    128 (medians of ``repeats``).
+    """
+
+    ppl_windows: int = 8
+    speed: bool = True
+    prefill_tokens: int = 512
+    new_tokens: int = 32
+    repeats: int = 3
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A model, its calibration and measurement settings, a seed, and the steps in order."""
+
+    steps: tuple = ()
+    model: str = DEFAULT_MODEL
+    seed: int = 0
+    calibration: Calibration = field(default_factory=Calibration)
+    measure: Measure = field(default_factory=Measure)
+
+    def to_dict(self) -> dict:
+        """Plain data, as the YAML file holds it (every field of every step)."""
+        return {"model": self.model, "seed": self.seed, "calibration": dataclasses.asdict(self.calibration),
+                "measure": dataclasses.asdict(self.measure),
+                "steps": [json.loads(json.dumps(config_dict(s))) for s in self.steps]}
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML that :func:`load_recipe` reads back to an equal recipe."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# -- reading ----------------------------------------------------------------------------------
+def _suggest(name: str, valid) -> str:
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(map(str, valid))}"
+
+
+def _coerce(cls, name: str, value: Any) -> Any:
+    """YAML lists become tuples where the dataclass field is a tuple."""
+    hint = typing.get_type_hints(cls).get(name)
+    if isinstance(value, list) and "tuple" in str(hint):
+        return tuple(value)
+    return value
+
+
+def _build(cls, data: dict, node: yaml.MappingNode | None, where: str, skip: tuple[str, ...] = ()):
+    """An instance of dataclass ``cls`` from a YAML mapping, with line-numbered errors."""
+    lines = {k.value: k.start_mark.line + 1 for k, _ in node.value} if node is not None else {}
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    for key in data:
+        if key not in names and key not in skip:
+            raise SlimformerError(f"{where}:{lines.get(key, '?')}: unknown field '{key}' for "
+                                  f"{getattr(cls, 'method', cls.__name__)}{_suggest(key, names)}")
+    try:
+        return cls(**{k: _coerce(cls, k, v) for k, v in data.items() if k not in skip})
+    except SlimformerError as e:
+        line = node.start_mark.line + 1 if node is not None else "?"
+        raise SlimformerError(f"{where}:{line}: {e}") from None
+    except TypeError as e:
+        line = node.start_mark.line + 1 if node is not None else "?"
+        raise SlimformerError(f"{where}:{line}: {e}") from None
+
+
+def _child(node, key: str):
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            if k.value == key:
+                return v
+    return None
+
+
+def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
+    """A recipe from YAML text; every error names ``where`` and the line."""
+    try:
+        data, root = yaml.safe_load(text), yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise SlimformerError(f"{where}:{mark.line + 1 if mark else '?'}: not valid YAML "
+                              f"({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise SlimformerError(f"{where}:1: a recipe is a mapping with model, calibration, measure and steps")
+    top = ("model", "seed", "calibration", "measure", "steps")
+    for key in data:
+        if key not in top:
+            line = next(k.start_mark.line + 1 for k, _ in root.value if k.value == key)
+            raise SlimformerError(f"{where}:{line}: unknown recipe key '{key}'{_suggest(key, top)}")
+    steps_data, steps_node = data.get("steps") or [], _child(root, "steps")
+    if not isinstance(steps_data, list) or not steps_data:
+        raise SlimformerError(f"{where}: a recipe needs a non-empty list of steps")
+    steps = []
+    for i, (step, node) in enumerate(zip(steps_data, steps_node.value)):
+        line = node.start_mark.line + 1
+        if not isinstance(step, dict) or "method" not in step:
+            raise SlimformerError(f"{where}:{line}: step {i + 1} needs a 'method' ({', '.join(STEPS)})")
+        if step["method"] not in STEPS:
+            raise SlimformerError(f"{where}:{line}: unknown method '{step['method']}'{_suggest(step['method'], STEPS)}")
+        steps.append(_build(STEPS[step["method"]], step, node, where, skip=("method",)))
+    calibration = _build(Calibration, data.get("calibration") or {}, _child(root, "calibration"), where)
+    measure = _build(Measure, data.get("measure") or {}, _child(root, "measure"), where)
+    return Recipe(steps=tuple(steps), model=str(data.get("model", DEFAULT_MODEL)), seed=int(data.get("seed", 0)),
+                  calibration=calibration, measure=measure)
+
+
+def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
+    """A recipe from a YAML file, YAML text, a dict, or a :class:`Recipe` (returned as is)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return parse_recipe(yaml.safe_dump(recipe, sort_keys=False))
+    path = Path(recipe) if isinstance(recipe, Path) or "\n" not in str(recipe) else None
+    if path is not None:
+        if not path.is_file():
+            raise SlimformerError(f"recipe file not found: {path}")
+        return parse_recipe(path.read_text(encoding="utf-8"), str(path))
+    return parse_recipe(str(recipe))
+
+
+# -- running ----------------------------------------------------------------------------------
+class _Context:
+    """What every step of one run shares: the model, calibration samples, test tokens."""
+
+    def __init__(self, recipe: Recipe, loaded: LoadedModel, progress: bool):
+        self.recipe, self.loaded, self.progress = recipe, loaded, progress
+        self._samples = None
+        self._test_ids = None
+
+    @property
+    def samples(self) -> torch.Tensor:
+        if self._samples is None:  # drawn once, seeded: a resumed run draws the same ones
+            c = self.recipe.calibration
+            ids = tokenize(self.loaded.tokenizer, load_text(c.source))
+            self._samples = sample_windows(ids, c.nsamples, c.seqlen, self.recipe.seed)
+        return self._samples
+
+    def test_ids(self) -> torch.Tensor:
+        if self._test_ids is None:
+            self._test_ids = tokenize(self.loaded.tokenizer, load_text("wikitext2:test"))
+        return self._test_ids
+
+    def measure(self, checkpoint: Path | None = None) -> dict:
+        """Perplexity, parameters, size and speed of the model as it is now."""
+        m, model = self.recipe.measure, self.loaded.model
+        out: dict[str, Any] = {}
+        if m.ppl_windows:
+            out["ppl"] = perplexity(model, self.test_ids(), windows=m.ppl_windows, progress=False).perplexity
+        ids = self.test_ids()[:, : m.prefill_tokens]
+        costs = measure_costs({"model": model}, ids, repeats=m.repeats, new_tokens=m.new_tokens,
+                              decode=m.speed)["models"]["model"]
+        keep = ("params", "nonzero_params", "flops_per_token") + (("prefill_s", "decode_tok_s") if m.speed else ())
+        out.update({k: costs[k] for k in keep if k in costs})
+        if checkpoint is not None:
+            out["size_bytes"] = _sizes(self.loaded, checkpoint)
+        return out
+
+
+def _sizes(loaded: LoadedModel, checkpoint: Path) -> dict[str, int]:
+    """Bytes of the saved dense checkpoint and, for a pruned model, of its sparse-bitmask form."""
+    sizes = {"dense": sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))}
+    counts = sum(p.numel() for p in loaded.model.parameters()), sum(int((p != 0).sum()) for p in loaded.model.parameters())
+    if counts[1] < 0.9 * counts[0]:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_model(loaded.model, None, Path(tmp) / "sparse", sparse="unstructured")
+            sizes["sparse-bitmask"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return sizes
+
+
+def _run_step(ctx: _Context, index: int, step) -> dict:
+    """Apply one step to the model in ``ctx``; return what it did as plain data."""
+    torch.manual_seed(ctx.recipe.seed + index)  # each step seeded on its own: a resumed run matches
+    if isinstance(step, EvalConfig):
+        start, out = time.perf_counter(), {"method": "eval", "config": config_dict(step)}
+        if step.ppl:
+            ids = tokenize(ctx.loaded.tokenizer, load_text(step.ppl))
+            out["perplexity"] = {step.ppl: perplexity(ctx.loaded.model, ids, windows=step.windows,
+                                                      progress=ctx.progress).to_dict()}
+        out["tasks"] = {t: evaluate_task(ctx.loaded.model, ctx.loaded.tokenizer, t, limit=step.limit,
+                                         batch_size=step.batch_size, progress=ctx.progress) for t in step.tasks}
+        out["seconds"] = time.perf_counter() - start
+        return out
+    needs = getattr(step, "needs_samples", True)
+    result: MethodResult = apply(ctx.loaded.adapter, step, ctx.samples if needs else None)
+    return dataclasses.asdict(result)
+
+
+def _check_steps(recipe: Recipe, kind: str) -> None:
+    if kind != "decoder":
+        raise SlimformerError("recipes run on decoder models (perplexity, calibration and fine-tuning need a causal LM)")
+    if not recipe.steps:
+        raise SlimformerError("the recipe has no steps")
+
+
+def compress(model: str | LoadedModel, recipe: str | Path | dict | Recipe, *, progress: bool = True):
+    """Run a recipe in memory: ``(compressed LoadedModel, report)``; nothing is written.
+
+    ``model`` is a spec for :func:`slimformer.load_model` (overriding the recipe's) or an
+    already loaded model. The report holds the measurement before the first step and, for
+    each step, what it did and the measurement after it.
+    """
+    recipe = load_recipe(recipe)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model or recipe.model)
+    _check_steps(recipe, loaded.adapter.family.kind)
+    ctx = _Context(recipe, loaded, progress)
+    report: dict[str, Any] = {"recipe": recipe.to_dict(), "before": ctx.measure(), "steps": []}
+    for i, step in enumerate(tqdm(recipe.steps, desc="recipe", disable=not progress)):
+        report["steps"].append({"result": _run_step(ctx, i, step), "after": ctx.measure()})
+    return loaded, report
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def work_folder(out: Path) -> Path:
+    """Where an unfinished run of ``out`` keeps its checkpoint."""
+    return out.parent / f".{out.name}.work"
+
+
+def run_recipe(recipe: str | Path | dict | Recipe, out: str | Path, *, model: str | None = None,
+               overwrite: bool = False, progress: bool = True) -> dict:
+    """Run a recipe into ``out`` (see the module docstring); resume an interrupted run of the same recipe.
+
+    Returns the summary also written as ``out/run.json``, with the paths of the report.
+    """
+    recipe = load_recipe(recipe)
+    if model:
+        recipe = dataclasses.replace(recipe, model=model)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SlimformerError(f"output '{out}' exists; choose another path or pass --overwrite")
+    load_text(recipe.calibration.source)  # a missing data source fails before the model loads
+    work = work_folder(out)
+    state_path, checkpoint = work / "state.json", work / "model"
+    state = json.loads(state_path.read_text()) if state_path.exists() else None
+    if state is not None and state["recipe"] != recipe.to_dict():
+        if not overwrite:
+            raise SlimformerError(f"{work} holds an interrupted run of a different recipe; "
+                                  "pass --overwrite to start over")
+        shutil.rmtree(work)
+        state = None
+    resumed = state is not None and state["done"] > 0
+    loaded = load_model(str(checkpoint) if resumed else recipe.model)
+    _check_steps(recipe, loaded.adapter.family.kind)
+    ctx = _Context(recipe, loaded, progress)
+    if state is None:
+        work.mkdir(parents=True, exist_ok=True)
+        save_model(loaded.model, loaded.tokenizer, checkpoint, overwrite=True)
+        state = {"recipe": recipe.to_dict(), "done": 0, "before": ctx.measure(checkpoint), "steps": []}
+        _write_json(state_path, state)
+    elif resumed:
+        print(f"resuming after step {state['done']} of {len(recipe.steps)} ({work})")
+    for i, step in enumerate(recipe.steps):
+        if i < state["done"]:
+            continue
+        if progress:
+            print(f"step {i + 1}/{len(recipe.steps)}: {step.method}")
+        result = _run_step(ctx, i, step)
+        save_model(loaded.model, loaded.tokenizer, checkpoint, overwrite=True)
+        state["steps"].append({"result": result, "after": ctx.measure(checkpoint)})
+        state["done"] = i + 1
+        _write_json(state_path, state)  # the step is finished only once this is written
+    summary = _finish(recipe, state, ctx, out, overwrite)
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
+def _finish(recipe: Recipe, state: dict, ctx: _Context, out: Path, overwrite: bool) -> dict:
+    """Write the output folder in one rename: the model, per-step figures, the side-by-side comparison, the report."""
+    loaded = ctx.loaded
+    original = load_model(recipe.model).model
+    m = recipe.measure
+    ids = ctx.test_ids()[:, : m.prefill_tokens]
+    comparison = measure_costs({"original": original, "compressed": loaded.model}, ids, repeats=max(m.repeats, 3),
+                               new_tokens=m.new_tokens, decode=m.speed)
+    del original
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        previous = state["before"]
+        for i, entry in enumerate(state["steps"]):
+            result, after = entry["result"], entry["after"]
+            doc = {"model": recipe.model, "step": i + 1, "result": result, "measure_before": previous,
+                   "measure_after": after}
+            if "ppl" in previous and "ppl" in after:
+                doc.update(ppl_before=previous["ppl"], ppl_after=after["ppl"])
+            if "size_bytes" in after:
+                doc.update(size_bytes=after["size_bytes"], size_bytes_before=min(previous["size_bytes"].values()))
+            name = f"{i + 1:02d}-{result['method'] if 'method' in result else 'step'}"
+            folder = tmp / "steps" / name
+            _write_json(folder / ("eval.json" if result.get("method") == "eval" else "slimformer.json"),
+                        doc | ({"perplexity": result.get("perplexity", {})} if result.get("method") == "eval" else {}))
+            previous = after
+        _write_json(tmp / "eval.json", {"model": recipe.model, "costs": comparison, "machine": machine_info()})
+        build_report(tmp)
+        report = json.loads((tmp / "report.json").read_text())
+        summary = {"recipe": recipe.to_dict(), "before": state["before"], "steps": state["steps"],
+                   "comparison": comparison, "before_after": report.get("before_after", []),
+                   "report_html": str(out / "report.html"), "report_json": str(out / "report.json")}
+        _write_json(tmp / "run.json", summary)
+    return summary
