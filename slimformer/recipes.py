@@ -130,10 +130,15 @@ def _suggest(name: str, valid) -> str:
 
 
 def _coerce(cls, name: str, value: Any) -> Any:
-    """YAML lists become tuples where the dataclass field is a tuple."""
-    hint = typing.get_type_hints(cls).get(name)
-    if isinstance(value, list) and "tuple" in str(hint):
+    """YAML lists become tuples where the field is a tuple; ``1e-4`` (a string to YAML 1.1) a float where it is one."""
+    hint = str(typing.get_type_hints(cls).get(name))
+    if isinstance(value, list) and "tuple" in hint:
         return tuple(value)
+    if isinstance(value, str) and "float" in hint and "str" not in hint:
+        try:
+            return float(value)
+        except ValueError:
+            raise SlimformerError(f"{name} must be a number, not '{value}'") from None
     return value
 
 
@@ -147,7 +152,7 @@ def _build(cls, data: dict, node: yaml.MappingNode | None, where: str, skip: tup
                                   f"{getattr(cls, 'method', cls.__name__)}{_suggest(key, names)}")
     try:
         return cls(**{k: _coerce(cls, k, v) for k, v in data.items() if k not in skip})
-    except SlimformerError as e:
+    except (SlimformerError, ValueError) as e:
         line = node.start_mark.line + 1 if node is not None else "?"
         raise SlimformerError(f"{where}:{line}: {e}") from None
     except TypeError as e:

@@ -152,3 +152,13 @@ def test_cli_run_prints_the_report_figures(saved_recipe, tmp_path, capsys):
     assert f"{rows['parameters (non-zero)']['after'] / 1e6:.1f} M" in printed
     assert str(tmp_path / "o" / "report.html") in printed.replace("\n", "")
     assert load_model(str(tmp_path / "o")).model is not None
+
+
+def test_bundled_recipes_parse_and_yaml_floats_are_numbers():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert files and all(load_recipe(f).steps for f in files)
+    assert parse_recipe("steps:\n  - {method: finetune, lr: 1e-4}\n").steps[0].lr == 1e-4
+    with pytest.raises(SlimformerError, match="<recipe>:2: lr must be a number, not 'fast'"):
+        parse_recipe("steps:\n  - {method: finetune, lr: fast}\n")
