@@ -29,30 +29,59 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Measure a model: perplexity on the named sources."""
+    """Measure a model: perplexity on named sources, zero-shot tasks, lm-evaluation-harness tasks."""
     from rich.console import Console
     from rich.table import Table
 
-    sources = args.ppl or ["wikitext2"]
+    from slimformer.data.tasks import load_task
+
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    harness = [t for t in (args.lm_eval or "").split(",") if t]
+    sources = args.ppl or ([] if tasks or harness else ["wikitext2"])
     texts = {s: load_text(s) for s in sources}  # read data before the slow model load fails late
+    for task in tasks:
+        load_task(task, limit=1)  # an unknown task or a broken file fails before loading too
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
     if loaded.adapter.family.kind != "decoder":
-        raise SlimformerError(f"perplexity needs a decoder; '{args.model}' is a {loaded.adapter.family.name} encoder")
+        raise SlimformerError(f"these measures need a decoder; '{args.model}' is a {loaded.adapter.family.name} "
+                              "encoder (see `slimformer search --task glue:…` for GLUE)")
     results = {}
     for source, text in texts.items():
         ids = tokenize(loaded.tokenizer, text)
         results[source] = perplexity(
             loaded.model, ids, seqlen=args.seqlen, windows=args.windows, batch_size=args.batch_size
         ).to_dict()
-    table = Table(title=f"slimformer eval — {args.model}")
-    for col in ("source", "perplexity", "windows × seqlen", "tokens/s", "seconds"):
-        table.add_column(col, justify="left" if col == "source" else "right")
-    for source, r in results.items():
-        table.add_row(source, f"{r['perplexity']:.3f}", f"{r['windows']} × {r['seqlen']}",
-                      f"{r['tokens_per_s']:.0f}", f"{r['seconds']:.1f}")
-    Console().print(table)
+    console = Console()
+    if results:
+        table = Table(title=f"slimformer eval — {args.model}")
+        for col in ("source", "perplexity", "windows × seqlen", "tokens/s", "seconds"):
+            table.add_column(col, justify="left" if col == "source" else "right")
+        for source, r in results.items():
+            table.add_row(source, f"{r['perplexity']:.3f}", f"{r['windows']} × {r['seqlen']}",
+                          f"{r['tokens_per_s']:.0f}", f"{r['seconds']:.1f}")
+        console.print(table)
+    zero_shot = {}
+    if tasks:
+        from slimformer.evaluation import evaluate_task
+
+        zero_shot = {t: evaluate_task(loaded.model, loaded.tokenizer, t, limit=args.limit) for t in tasks}
+        table = Table(title="zero-shot multiple choice")
+        for col in ("task", "acc", "acc_norm", "examples", "examples/s"):
+            table.add_column(col, justify="left" if col == "task" else "right")
+        for t, r in zero_shot.items():
+            table.add_row(t, f"{r['acc']:.4f}", f"{r['acc_norm']:.4f}", str(r["examples"]), f"{r['examples_per_s']:.1f}")
+        console.print(table)
+    lm_eval = None
+    if harness:
+        from slimformer.evaluation import run_lm_eval
+
+        lm_eval = run_lm_eval(loaded.model, loaded.tokenizer, harness, limit=args.limit,
+                              include_path=args.lm_eval_include)
+        for task, metrics in lm_eval["results"].items():
+            console.print(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                         if isinstance(v, float)))
     write_json(args.out, {"model": args.model, "source": loaded.source, "dtype": args.dtype,
-                           "perplexity": results, "machine": machine_info()})
+                           "perplexity": results, "tasks": zero_shot, "lm_eval": lm_eval, "machine": machine_info()})
     print(f"results written to {args.out}")
     return 0
 
@@ -293,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=None, help="only the first N windows (default: all)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--tasks", default=None, help="zero-shot tasks: piqa, arc_easy, boolq or FILE.jsonl, comma-separated")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
+    p.add_argument("--lm-eval", default=None, help="lm-evaluation-harness task names, comma-separated")
+    p.add_argument("--lm-eval-include", default=None, help="folder of extra lm-eval task YAMLs (local data)")
     p.add_argument("--out", default="eval.json", help="where to write the JSON results")
     _add_prune_parser(sub)
     _add_remove_blocks_parser(sub)

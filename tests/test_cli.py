@@ -49,3 +49,31 @@ def test_missing_data_directory_through_the_command(saved_tiny, tmp_path):
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"slimformer: error: data directory {tmp_path / 'absent'} (from $SLIMFORMER_DATA) does not exist"
+
+
+def test_eval_zero_shot_and_lm_eval_on_a_local_task(saved_tiny, tmp_path, capsys):
+    from slimformer.evaluation import write_task_yaml
+
+    path, _ = saved_tiny
+    task = tmp_path / "words.jsonl"
+    task.write_text("\n".join(json.dumps({"context": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 9}"],
+                                          "gold": i % 2}) for i in range(12)) + "\n")
+    write_task_yaml(task, tmp_path / "tasks", "words")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(path), "--tasks", str(task), "--lm-eval", "words",
+                 "--lm-eval-include", str(tmp_path / "tasks"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ours, harness = result["tasks"][str(task)], result["lm_eval"]["results"]["words"]
+    assert ours["examples"] == 12 and ours["acc"] == pytest.approx(harness["acc"])
+    assert "zero-shot multiple choice" in capsys.readouterr().out
+
+
+def test_eval_bad_task_file_names_file_and_line(saved_tiny, tmp_path, capsys):
+    path, _ = saved_tiny
+    task = tmp_path / "bad.jsonl"
+    task.write_text('{"context": "w1", "choices": ["w2"], "gold": 0}\n{"context": "w1", "gold": 0}\n')
+    assert main(["eval", str(path), "--tasks", str(task)]) == 2
+    err = capsys.readouterr().err
+    assert str(task) in err and ":2" in err
+    assert main(["eval", str(path), "--tasks", "hellaswagg"]) == 2
+    assert "hellaswagg" in capsys.readouterr().err
