@@ -145,3 +145,16 @@ def test_bad_space_and_mismatched_subnet():
     with pytest.raises(SlimformerError, match="sub-network has 2 blocks"):
         with masked(adapter, Subnet([[0], [0]], [[0], [0]])):
             pass
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_subnet_flops_match_the_cost_formula_on_the_extracted_model(family):
+    from slimformer.evaluation.cost import flops_per_token as measured
+    from slimformer.search.space import flops_per_token
+
+    model = tiny_model(family)
+    adapter = get_adapter(model)
+    space = SearchSpace("medium", adapter, random_importance(adapter))
+    subnet = space.subnet(space.sample(torch.Generator().manual_seed(3)))
+    assert flops_per_token(adapter, subnet, 16) == pytest.approx(measured(extract(model, subnet), 16))
+    assert flops_per_token(adapter, None, 16) == pytest.approx(measured(model, 16))
