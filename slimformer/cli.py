@@ -204,6 +204,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     summary = runs.run_search_job(args.model, args.task, config, args.out, seed=args.seed, nsamples=args.nsamples,
                                   seqlen=args.seqlen, dtype=args.dtype, progress=True)
     runs.print_summary(summary)
+    from slimformer.report import build_report
+
+    print(f"report: {build_report(args.out)[1]}")
     return 0
 
 

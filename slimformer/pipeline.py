@@ -16,6 +16,7 @@ from slimformer.machine import machine_info
 from slimformer.methods import apply
 from slimformer.methods.finetune import FinetuneConfig
 from slimformer.models import load_model, save_model
+from slimformer.report import build_report
 
 
 @dataclass
@@ -101,6 +102,7 @@ def _save(loaded, job: CompressJob, report: dict) -> None:
     for out in (job.out, job.sparse_out):
         if out:
             write_json(Path(out) / "slimformer.json", report)
+            build_report(out)
 
 
 def write_json(path: str | Path, payload: dict) -> None:

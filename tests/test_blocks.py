@@ -200,6 +200,8 @@ def test_cli_remove_blocks(saved_four, tmp_path, capsys):
     assert len(removed) == 2 and 0 not in removed and 3 not in removed
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
     assert "removed" in capsys.readouterr().out
+    html = json.loads((out / "report.json").read_text())["steps"][0]["block_scores"]
+    assert len(html["rounds"]) == 2 and (out / "report.html").stat().st_size > 10_000  # the scores' plot
 
 
 @pytest.mark.parametrize("extra, message", [(["--blocks", "4"], "cannot remove 4 of 4"),

@@ -226,6 +226,7 @@ def test_cli_prune_writes_dense_and_sparse_models(saved_tiny, tmp_path, capsys):
     report = json.loads((out / "slimformer.json").read_text())
     assert report["result"]["summary"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert report["size_bytes"]["sparse-bitmask"] < report["size_bytes"]["dense"]
+    assert "sparsity_grid" in json.loads((out / "report.json").read_text())["steps"][0]
     stock = AutoModelForCausalLM.from_pretrained(out)
     ids = random_ids(1, 10)
     with torch.no_grad():

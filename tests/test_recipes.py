@@ -70,7 +70,9 @@ def test_recipe_equals_its_methods_one_after_another(tmp_path, monkeypatch):
                         if s.startswith("text:") else " ".join(f"w{i % 128}" for i in range(300)))
     steps = [SLEBConfig(blocks=1, protect=()), WandaConfig(sparsity=0.5)]
     recipe = tiny_recipe(tmp_path, steps)
-    compressed, report = compress(loaded_tiny(), recipe, progress=False)
+    import slimformer
+
+    compressed, report = slimformer.compress(loaded_tiny(), recipe, progress=False)
     manual = loaded_tiny()
     samples = recipes._Context(recipe, manual, False).samples
     for step in steps:

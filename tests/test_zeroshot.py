@@ -22,11 +22,13 @@ def words(rng: random.Random, n: int) -> str:
     return " ".join(f"w{rng.randrange(1, 128)}" for _ in range(n))
 
 
-def synthetic(n: int, seed: int = 0, context_words: tuple[int, int] = (1, 20)) -> list[MCExample]:
+def synthetic(
+    n: int, seed: int = 0, context_words: tuple[int, int] = (1, 20), choice_words: tuple[int, int] = (1, 5)
+) -> list[MCExample]:
     rng = random.Random(seed)
     examples = []
     for _ in range(n):
-        choices = [words(rng, rng.randint(1, 5)) for _ in range(rng.randint(2, 4))]
+        choices = [words(rng, rng.randint(*choice_words)) for _ in range(rng.randint(2, 4))]
         examples.append(MCExample(words(rng, rng.randint(*context_words)), choices, 0))
     return examples
 
@@ -53,6 +55,51 @@ def test_batched_scores_equal_one_at_a_time_reference(family):
     assert [len(g) for g in got] == [len(ex.choices) for ex in examples]
     for ex, scores in zip(examples, got):
         assert scores == pytest.approx(reference(model, tok, ex), abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_one_token_choices_share_a_forward_and_equal_the_reference(family):
+    model, tok = tiny_model(family), tiny_tokenizer()
+    # BoolQ-like: every choice one token, some contexts past the 64 positions (cut on the left)
+    one_token = synthetic(9, seed=5, context_words=(1, 80), choice_words=(1, 1))
+    mixed = one_token + synthetic(5, seed=6, context_words=(1, 80), choice_words=(2, 5))
+    counted = Counting(model)
+    got = score_choices(counted, tok, mixed, batch_size=4, progress=False)
+    for ex, scores in zip(mixed, got):
+        assert scores == pytest.approx(reference(model, tok, ex), abs=1e-4)
+    multi_rows = sum(len(ex.choices) for ex in mixed[9:])  # these choices start with different words
+    assert counted.rows == 9 + multi_rows
+    # and alone, with rows of one per forward: one forward per example, its choices all read there
+    counted = Counting(model)
+    alone = score_choices(counted, tok, one_token, batch_size=1, progress=False)
+    for a, b in zip(alone, got):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert (counted.calls, counted.rows) == (9, 9)
+
+
+def test_choices_feeding_the_same_tokens_share_a_row():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    # fed tokens: "w1 w2" for w5 and w6, "w1 w2 w7" for both "w7 ..." choices
+    example = MCExample("w1 w2", ["w5", "w6", "w7 w8", "w7 w9"], 0)
+    counted = Counting(model)
+    got = score_choices(counted, tok, [example], progress=False)
+    assert counted.rows == 2
+    assert got[0] == pytest.approx(reference(model, tok, example), abs=1e-4)
+
+
+class Counting(torch.nn.Module):
+    """A causal LM that counts its forward calls and the rows they were given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.calls = self.rows = 0
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None, logits_to_keep=0):
+        self.calls += 1
+        self.rows += input_ids.shape[0]
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+                          logits_to_keep=logits_to_keep)
 
 
 class FullLogits(torch.nn.Module):

@@ -59,49 +59,54 @@ def score_choices(
 ) -> list[list[float]]:
     """Per example, the summed log-likelihood of each choice's tokens given the context.
 
-    All (context, choice) pairs are sorted by length and run in batches, padded on the right,
-    one forward pass per batch. A pair longer than the model allows loses tokens from the left
-    of its context, as in the harness.
+    Each (context, choice) pair feeds its tokens but the last; pairs that feed the same tokens
+    share one row of the batch, since the logits of that row answer all of them. In particular
+    the one-token choices of a context (BoolQ's " no" / " yes") cost a single forward of the
+    context, all read at its last position. Rows are sorted longest first and run in batches,
+    padded on the right, one forward pass per batch. A pair longer than the model allows loses
+    tokens from the left of its context, as in the harness.
     """
     if batch_size < 1:
         raise SlimformerError(f"batch_size must be at least 1, not {batch_size}")
     limit = max_positions(model.config)
     requests = _requests(tokenizer, examples)
-    inputs = []  # (input ids, number of continuation tokens)
-    for ctx, cont in requests:
+    groups: dict[tuple[int, ...], list[int]] = {}  # fed token ids -> the requests they answer
+    for i, (ctx, cont) in enumerate(requests):
         if limit is not None and len(cont) > limit:
             raise SlimformerError(f"a choice of {len(cont)} tokens is longer than the model allows ({limit})")
         # the last token is only predicted, never fed
         ids = (ctx + cont)[-(limit + 1) :][:-1] if limit is not None else (ctx + cont)[:-1]
-        inputs.append((ids, len(cont)))
+        groups.setdefault(tuple(ids), []).append(i)
+    rows = sorted(groups.items(), key=lambda row: -len(row[0]))  # longest first: little padding per batch
+    starts = {i: len(seq) - len(requests[i][1]) for seq, users in rows for i in users}  # first predicting position
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # only the positions that predict continuation tokens need logits, when the model can skip the rest
     trims = "logits_to_keep" in inspect.signature(model.forward).parameters
-    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
-    scores = [0.0] * len(inputs)
-    batches = [order[a : a + batch_size] for a in range(0, len(order), batch_size)]
+    scores = [0.0] * len(requests)
+    batches = [rows[a : a + batch_size] for a in range(0, len(rows), batch_size)]
     for batch in tqdm(batches, desc="zero-shot", unit="batch", disable=not progress):
-        width = len(inputs[batch[0]][0])
+        width = len(batch[0][0])
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for row, i in enumerate(batch):
-            seq = inputs[i][0]
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        # the first position any row needs: its last token minus its continuation
-        start = min(len(inputs[i][0]) - inputs[i][1] for i in batch)
+        for b, (seq, _) in enumerate(batch):
+            ids[b, : len(seq)] = torch.tensor(seq)
+            mask[b, : len(seq)] = 1
+        start = min(starts[i] for _, users in batch for i in users)
         kwargs = {"logits_to_keep": width - start} if trims else {}
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **kwargs).logits
         offset = width - logits.shape[1]
-        sums = []
-        for row, i in enumerate(batch):
-            seq, n_cont = inputs[i]
-            first = len(seq) - n_cont - offset
-            part = logits[row, first : first + n_cont].float()
-            picked = part.gather(1, torch.tensor(requests[i][1], device=part.device)[:, None])[:, 0]
-            sums.append((picked - torch.logsumexp(part, -1)).sum())
-        for i, value in zip(batch, torch.stack(sums).tolist()):  # one device sync per batch
+        answered, sums = [], []
+        for b, (seq, users) in enumerate(batch):
+            first = min(starts[i] for i in users)
+            part = logits[b, first - offset : len(seq) - offset].float()
+            log_norm = torch.logsumexp(part, -1)  # once per position, shared by the row's requests
+            for i in users:
+                cont, at = requests[i][1], starts[i] - first
+                picked = part[at : at + len(cont)].gather(1, torch.tensor(cont, device=part.device)[:, None])[:, 0]
+                sums.append((picked - log_norm[at : at + len(cont)]).sum())
+                answered.append(i)
+        for i, value in zip(answered, torch.stack(sums).tolist()):  # one device sync per batch
             scores[i] = value
     per_example, at = [], 0
     for ex in examples:
