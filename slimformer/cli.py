@@ -240,6 +240,8 @@ def _add_search_parsers(sub) -> None:
     p.add_argument("--seqlen", type=int, default=512, help="decoders: calibration window length")
     p.add_argument("--epochs", type=float, default=3, help="encoders: fine-tuning epochs (reference and super-network)")
     p.add_argument("--no-supernet", action="store_true", help="encoders: search the standard fine-tuned weights")
+    p.add_argument("--supernet-init", default="reference", choices=["reference", "pretrained"],
+                   help="encoders: start the super-network from the fine-tuned reference or the pre-trained weights")
     p.add_argument("--random-subnets", type=int, default=2, help="sandwich rule: random sub-networks per step")
     p.add_argument("--train-limit", type=int, default=None, help="encoders: use only the first N training examples")
     p.add_argument("--out", required=True, help="run folder (running again resumes the search)")

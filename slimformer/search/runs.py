@@ -30,7 +30,8 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     """The search config of the CLI's flags."""
     return SearchConfig(space=args.space, objectives=tuple(args.objectives.split(",")), strategy=args.strategy,
                         trials=args.trials, seed=args.seed, backend=args.backend, population=args.population,
-                        epochs=args.epochs, supernet=not args.no_supernet, random_subnets=args.random_subnets,
+                        epochs=args.epochs, supernet=not args.no_supernet, supernet_init=args.supernet_init,
+                        random_subnets=args.random_subnets,
                         train_limit=args.train_limit)
 
 
