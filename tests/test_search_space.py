@@ -158,3 +158,12 @@ def test_subnet_flops_match_the_cost_formula_on_the_extracted_model(family):
     subnet = space.subnet(space.sample(torch.Generator().manual_seed(3)))
     assert flops_per_token(adapter, subnet, 16) == pytest.approx(measured(extract(model, subnet), 16))
     assert flops_per_token(adapter, None, 16) == pytest.approx(measured(model, 16))
+
+
+def test_uniform_points_shrink_every_count_evenly():
+    adapter = get_adapter(tiny_model("llama"))  # 4 heads (2 KV groups), 48 units, 3 blocks
+    medium = SearchSpace("medium", adapter).uniform(0.5)
+    assert medium == {f"{k}_{b}": v for b in range(3) for k, v in (("heads", 2), ("units", 24))}
+    small = SearchSpace("small", adapter).uniform(0.9)
+    assert small["blocks"] == 3 and small["heads"] == 4 and small["units"] == 43
+    assert SearchSpace("layer", adapter).uniform(0.5) is None

@@ -122,6 +122,18 @@ class SearchSpace:
             return {k: int(k == "block_0") for k in self.distributions()}
         return {k: d.low for k, d in self.distributions().items()}
 
+    def uniform(self, fraction: float) -> dict[str, int] | None:
+        """Counts keeping ``fraction`` of every block's heads and units (``small``/``medium``), else None.
+
+        Seeds a search with a few evenly shrunk networks between the largest and the smallest.
+        """
+        if self.name not in ("small", "medium"):
+            return None
+        out = {}
+        for k, d in self.distributions().items():
+            out[k] = d.high if k == "blocks" else max(d.low, round(d.high * fraction / d.step) * d.step)
+        return out
+
     def sample(self, generator: torch.Generator) -> dict[str, int]:
         """Uniformly random parameters (for the random sub-networks of super-network training)."""
         out = {}

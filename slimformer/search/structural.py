@@ -111,6 +111,12 @@ def importance_prune(space: SearchSpace, target: float) -> Subnet:
     return subnet_at(hi)
 
 
+def initial_points(space: SearchSpace) -> list[dict]:
+    """The first trials: the largest and the smallest network, and evenly shrunk ones in between."""
+    evenly = [space.uniform(f) for f in (0.9, 0.75, 0.5)]
+    return [space.largest(), space.smallest(), *(p for p in evenly if p is not None)]
+
+
 def split_train(examples: list, valid: int, seed: int) -> tuple[list, list]:
     """A seeded split of a training set into (training part, search-validation part of ``valid`` examples)."""
     order = list(range(len(examples)))
@@ -180,7 +186,7 @@ def encoder_search(stage1: Stage1, tokenizer, task: str, config: SearchConfig, *
     result = run_search(space.distributions(), objective, objectives=config.objectives, strategy=config.strategy,
                         trials=config.trials, seed=config.seed, storage=storage, backend=config.backend,
                         population=config.population, progress=progress,
-                        initial=[space.largest(), space.smallest()])
+                        initial=initial_points(space))
     dev_eval = dict(max_length=config.max_length, task=info)
     front = []
     for trial in result.pareto_trials():
@@ -222,7 +228,7 @@ def decoder_search(adapter: Adapter, samples: torch.Tensor, config: SearchConfig
     result = run_search(space.distributions(), objective, objectives=config.objectives, strategy=config.strategy,
                         trials=config.trials, seed=config.seed, storage=storage, backend=config.backend,
                         population=config.population, progress=progress,
-                        initial=[space.largest(), space.smallest()])
+                        initial=initial_points(space))
     return {"config": asdict(config), "result": result, "space": space, "importance": importance}
 
 
