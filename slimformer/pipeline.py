@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,6 +9,7 @@ import torch
 
 from slimformer.data import load_text, sample_windows, tokenize
 from slimformer.errors import SlimformerError
+from slimformer.files import write_json
 from slimformer.evaluation import perplexity
 from slimformer.machine import machine_info
 from slimformer.methods import apply
@@ -103,12 +102,3 @@ def _save(loaded, job: CompressJob, report: dict) -> None:
         if out:
             write_json(Path(out) / "slimformer.json", report)
             build_report(out)
-
-
-def write_json(path: str | Path, payload: dict) -> None:
-    """Write ``payload`` as JSON through a temporary file and a rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -45,6 +44,7 @@ from tqdm.auto import tqdm
 
 from slimformer.data import load_text, sample_windows, tokenize
 from slimformer.errors import SlimformerError
+from slimformer.files import write_json
 from slimformer.evaluation import evaluate_task, measure_costs, perplexity
 from slimformer.machine import machine_info
 from slimformer.methods import METHODS, apply, config_dict
@@ -305,13 +305,6 @@ def compress(model: str | LoadedModel, recipe: str | Path | dict | Recipe, *, pr
     return loaded, report
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def work_folder(out: Path) -> Path:
     """Where an unfinished run of ``out`` keeps its checkpoint."""
     return out.parent / f".{out.name}.work"
@@ -347,7 +340,7 @@ def run_recipe(recipe: str | Path | dict | Recipe, out: str | Path, *, model: st
         work.mkdir(parents=True, exist_ok=True)
         save_model(loaded.model, loaded.tokenizer, checkpoint, overwrite=True)
         state = {"recipe": recipe.to_dict(), "done": 0, "before": ctx.measure(checkpoint), "steps": []}
-        _write_json(state_path, state)
+        write_json(state_path, state)
     elif resumed:
         print(f"resuming after step {state['done']} of {len(recipe.steps)} ({work})")
     for i, step in enumerate(recipe.steps):
@@ -359,7 +352,7 @@ def run_recipe(recipe: str | Path | dict | Recipe, out: str | Path, *, model: st
         save_model(loaded.model, loaded.tokenizer, checkpoint, overwrite=True)
         state["steps"].append({"result": result, "after": ctx.measure(checkpoint)})
         state["done"] = i + 1
-        _write_json(state_path, state)  # the step is finished only once this is written
+        write_json(state_path, state)  # the step is finished only once this is written
     summary = _finish(recipe, state, ctx, out, overwrite)
     shutil.rmtree(work, ignore_errors=True)
     return summary
@@ -388,14 +381,14 @@ def _finish(recipe: Recipe, state: dict, ctx: _Context, out: Path, overwrite: bo
                 doc.update(size_bytes=after["size_bytes"], size_bytes_before=min(previous["size_bytes"].values()))
             name = f"{i + 1:02d}-{result['method'] if 'method' in result else 'step'}"
             folder = tmp / "steps" / name
-            _write_json(folder / ("eval.json" if result.get("method") == "eval" else "slimformer.json"),
+            write_json(folder / ("eval.json" if result.get("method") == "eval" else "slimformer.json"),
                         doc | ({"perplexity": result.get("perplexity", {})} if result.get("method") == "eval" else {}))
             previous = after
-        _write_json(tmp / "eval.json", {"model": recipe.model, "costs": comparison, "machine": machine_info()})
+        write_json(tmp / "eval.json", {"model": recipe.model, "costs": comparison, "machine": machine_info()})
         build_report(tmp)
         report = json.loads((tmp / "report.json").read_text())
         summary = {"recipe": recipe.to_dict(), "before": state["before"], "steps": state["steps"],
                    "comparison": comparison, "before_after": report.get("before_after", []),
                    "report_html": str(out / "report.html"), "report_json": str(out / "report.json")}
-        _write_json(tmp / "run.json", summary)
+        write_json(tmp / "run.json", summary)
     return summary

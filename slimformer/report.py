@@ -32,9 +32,7 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, PercentFormatter
 
 from slimformer.errors import SlimformerError
+from slimformer.files import write_text
 
 _COST_KEYS = ("params", "nonzero_params", "flops_per_token", "size_bytes",
               "prefill_s", "decode_tok_s", "generate_tok_s")
@@ -70,8 +69,8 @@ def build_report(run_dir: str | Path) -> tuple[Path, Path]:
     report = read_run(run_dir)
     page = render_html(report)  # before writing anything: a failing plot leaves the old pair untouched
     json_path, html_path = run_dir / "report.json", run_dir / "report.html"
-    _write_atomic(json_path, json.dumps(report, indent=2) + "\n")
-    _write_atomic(html_path, page)
+    write_text(json_path, json.dumps(report, indent=2) + "\n")
+    write_text(html_path, page)
     return json_path, html_path
 
 
@@ -599,16 +598,3 @@ def render_html(report: dict) -> str:
     title = html.escape(f"slimformer report — {report.get('model', Path(report['run_dir']).name)}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
             f"<style>{_CSS}</style></head><body><h1>{title}</h1>{''.join(parts)}</body></html>\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path`` (never a half-written file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -18,6 +18,7 @@ import torch
 
 from slimformer.data import calibration_samples
 from slimformer.errors import SlimformerError
+from slimformer.files import write_json
 from slimformer.models import load_model, save_model
 from slimformer.models.adapters import get_adapter
 from slimformer.search.pareto import plot_front
@@ -33,12 +34,6 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
                         epochs=args.epochs, supernet=not args.no_supernet, supernet_init=args.supernet_init,
                         random_subnets=args.random_subnets,
                         train_limit=args.train_limit)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def _save_importance(path: Path, importance: Importance) -> None:
@@ -66,7 +61,7 @@ def _open_run(out: Path, request: dict) -> None:
             changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise SlimformerError(f"{out} holds a different search (differs in {', '.join(changed)}); "
                                   "choose another --out")
-    _write_json(spec, request)
+    write_json(spec, request)
 
 
 def run_search_job(model: str, task: str | None, config: SearchConfig, out: str | Path, *, seed: int = 0,
@@ -107,7 +102,7 @@ def run_search_job(model: str, task: str | None, config: SearchConfig, out: str 
         labels = (config.objectives[1], config.objectives[0]) if config.objectives[0] == "error" else \
             tuple(config.objectives[:2])
     summary = {**json.loads(result.to_json()), "model": model, "task": task, "kind": kind, **extra}
-    _write_json(out / "search.json", summary)
+    write_json(out / "search.json", summary)
     if len(config.objectives) == 2:
         # x: size-like objective, y: error, as people read such fronts
         order = [1, 0] if config.objectives[0] == "error" else [0, 1]
@@ -128,7 +123,7 @@ def _stage1(loaded, task: str, config: SearchConfig, out: Path, progress: bool) 
     stage1 = train_stage1(loaded.model, loaded.tokenizer, task, config, progress=progress)
     save_model(stage1.reference, loaded.tokenizer, folder / "reference", overwrite=True)
     save_model(stage1.supernet, loaded.tokenizer, folder / "supernet", overwrite=True)
-    _write_json(folder / "timing.json", stage1.timing)
+    write_json(folder / "timing.json", stage1.timing)
     _save_importance(out / "importance.pt", stage1.importance)
     return stage1
 

@@ -59,6 +59,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm.auto import tqdm
 
 from slimformer.errors import SlimformerError
+from slimformer.files import write_text
 from slimformer.search.pareto import default_reference, hypervolume, pareto_mask
 
 STRATEGIES = ("random", "local", "nsga2")
@@ -124,12 +125,7 @@ class SearchResult:
 
     def save(self, path: str | Path) -> Path:
         """Write :meth:`to_json` to ``path`` through a temporary file and a rename (never a half-written file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
-        return path
+        return write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> SearchResult:

@@ -38,7 +38,7 @@ from slimformer.search.importance import classifier_loss, lm_loss, mask_gradient
 from slimformer.search.objectives import Objective, parse_objectives
 from slimformer.search.pareto import hypervolume, pareto_mask
 from slimformer.search.space import SPACES, Importance, SearchSpace, Subnet, count_params, masked
-from slimformer.search.strategies import BACKENDS, STRATEGIES, SearchResult, run_search
+from slimformer.search.strategies import BACKENDS, STRATEGIES, run_search
 from slimformer.search.supernet import sandwich_loss
 
 
