@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from slimformer.data import load_text, sample_windows, tokenize
 from slimformer.errors import SlimformerError
 from slimformer.files import write_json
-from slimformer.evaluation import evaluate_task, measure_costs, perplexity
+from slimformer.evaluation import evaluate_task, measure_costs, perplexity, size_on_disk
 from slimformer.machine import machine_info
 from slimformer.methods import METHODS, apply, config_dict
 from slimformer.methods.base import MethodResult
@@ -248,18 +248,17 @@ class _Context:
         keep = ("params", "nonzero_params", "flops_per_token") + (("prefill_s", "decode_tok_s") if m.speed else ())
         out.update({k: costs[k] for k in keep if k in costs})
         if checkpoint is not None:
-            out["size_bytes"] = _sizes(self.loaded, checkpoint)
+            out["size_bytes"] = _sizes(self.loaded, checkpoint, pruned=costs["nonzero_params"] < 0.9 * costs["params"])
         return out
 
 
-def _sizes(loaded: LoadedModel, checkpoint: Path) -> dict[str, int]:
-    """Bytes of the saved dense checkpoint and, for a pruned model, of its sparse-bitmask form."""
-    sizes = {"dense": sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))}
-    counts = sum(p.numel() for p in loaded.model.parameters()), sum(int((p != 0).sum()) for p in loaded.model.parameters())
-    if counts[1] < 0.9 * counts[0]:
+def _sizes(loaded: LoadedModel, checkpoint: Path, pruned: bool) -> dict[str, int]:
+    """Bytes of the saved dense checkpoint and, for a ``pruned`` model, of its sparse-bitmask form."""
+    sizes = {"dense": size_on_disk(checkpoint)}
+    if pruned:
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_model(loaded.model, None, Path(tmp) / "sparse", sparse="unstructured")
-            sizes["sparse-bitmask"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+            sizes["sparse-bitmask"] = size_on_disk(save_model(loaded.model, None, Path(tmp) / "sparse",
+                                                              sparse="unstructured"))
     return sizes
 
 
