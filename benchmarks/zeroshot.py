@@ -69,7 +69,8 @@ def main() -> None:
             continue
         results.append(r)
         rows.append((f"{task} ({r['examples']} examples)",
-                     f"acc {100 * r['acc']:.1f} · acc_norm {100 * r['acc_norm']:.1f} · "
+                     f"acc {100 * r['acc']:.1f} · acc_norm {100 * r['acc_norm']:.1f} "
+                     f"(normalisation changes {r['norm_changes_choice']} choices) · "
                      f"{r['seconds']:.1f} s, {r['examples_per_s']:.2f} examples/s · published: {PUBLISHED[task]}"))
     rows.append(("published figures", f"{CARD} (lighteval, acc_norm; the card's ARC is Easy and Challenge averaged)"))
     payload = {

@@ -167,3 +167,32 @@ def test_uniform_points_shrink_every_count_evenly():
     small = SearchSpace("small", adapter).uniform(0.9)
     assert small["blocks"] == 3 and small["heads"] == 4 and small["units"] == 43
     assert SearchSpace("layer", adapter).uniform(0.5) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("space_name", SPACES)
+def test_params_of_inverts_subnet(family, space_name):
+    adapter = get_adapter(tiny_model(family))
+    space = SearchSpace(space_name, adapter, random_importance(adapter))
+    g = torch.Generator().manual_seed(2)
+    for params in [space.largest(), space.smallest(), *(space.sample(g) for _ in range(5))]:
+        subnet = space.subnet(params)
+        if space_name == "large" and not subnet.kept_blocks:
+            continue
+        assert space.subnet(space.params_of(subnet)) == subnet
+
+
+def test_params_of_refuses_what_a_space_cannot_express():
+    adapter = get_adapter(tiny_model("bert"))  # 4 heads, 48 units, 3 blocks
+    imp = random_importance(adapter)
+    medium, small = SearchSpace("medium", adapter, imp), SearchSpace("small", adapter, imp)
+    uneven = medium.subnet({"heads_0": 4, "units_0": 10, "heads_1": 2, "units_1": 30, "heads_2": 1, "units_2": 48})
+    assert small.params_of(uneven) is None  # per-block counts differ
+    assert medium.params_of(uneven) == {"heads_0": 4, "units_0": 10, "heads_1": 2, "units_1": 30,
+                                        "heads_2": 1, "units_2": 48}
+    not_top = Subnet([[0]] * 3, [[0]] * 3)  # one head and one unit, but not the most important ones
+    if int(imp.heads[0].argmax()) != 0 or int(imp.units[0].argmax()) != 0:
+        assert medium.params_of(not_top) is None
+    dropped = Subnet([[0, 1, 2, 3], None, None], [list(range(48)), None, None])
+    assert medium.params_of(dropped) is None and small.params_of(dropped) == {"blocks": 1, "heads": 4, "units": 48}
+    assert SearchSpace("layer", adapter, imp).params_of(dropped) == {"block_0": 1, "block_1": 0, "block_2": 0}

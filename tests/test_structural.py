@@ -11,7 +11,7 @@ from slimformer.cli import main
 from slimformer.search.space import Importance, SearchSpace, count_params, masked
 from slimformer.search.strategies import SearchResult
 from slimformer.search.structural import (SearchConfig, dominates, decoder_search, encoder_search, importance_prune,
-                                          train_stage1)
+                                          initial_points, train_stage1)
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
@@ -59,10 +59,29 @@ def test_encoder_two_stage_search_runs_and_compares_with_importance_pruning():
     found = encoder_search(stage1, tokenizer, "rte", config, progress=False)
     assert len(found["result"].trials) == 4
     assert len(found["dev_front"]) == len(found["result"].pareto)
-    assert [b["target"] for b in found["baseline"]] == sorted({round(p["params"], 3) for p in found["dev_front"]
-                                                               if p["params"] < 0.999})
+    assert [b["target"] for b in found["baseline"]] == list(config.baseline_sizes)
     for row in found["dev_front"] + found["baseline"]:
         assert 0 <= row["dev"]["accuracy"] <= 1 and row["dev"]["examples"] == 277
+
+
+def test_importance_pruned_networks_seed_the_search_and_the_baseline_can_follow_the_front():
+    encoder, tokenizer = tiny_model("bert"), tiny_tokenizer()
+    config = SearchConfig(space="medium", strategy="random", trials=8, epochs=1, train_limit=32, search_valid=40,
+                          batch_size=16, importance_batches=1, max_length=32, baseline_sizes=(0.8, 0.9))
+    stage1 = train_stage1(encoder, tokenizer, "glue:rte", config, progress=False)
+    found = encoder_search(stage1, tokenizer, "rte", config, progress=False)
+    space = found["space"]
+    seeds = [space.params_of(importance_prune(space, size)) for size in config.baseline_sizes]
+    asked = [t["params"] for t in found["result"].trials]
+    assert all(seed is not None and seed in asked[:7] for seed in seeds)
+    # the baseline's sub-networks are the seeds: same sizes, measured with the reference's weights
+    assert sorted(b["params"] for b in found["baseline"]) == sorted(
+        count_params(space.adapter, space.subnet(seed)) / count_params(space.adapter) for seed in seeds)
+    unseeded = SearchConfig(**{**config.__dict__, "seed_baseline": False, "baseline_sizes": ()})
+    found = encoder_search(stage1, tokenizer, "rte", unseeded, progress=False)
+    assert not any(seed in initial_points(space) for seed in seeds)
+    assert [b["target"] for b in found["baseline"]] == sorted({round(p["params"], 3) for p in found["dev_front"]
+                                                               if p["params"] < 0.999})
 
 
 def test_dominance():

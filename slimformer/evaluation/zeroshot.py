@@ -127,14 +127,18 @@ def evaluate_task(
     start = time.perf_counter()
     scores = score_choices(model, tokenizer, examples, batch_size=batch_size, progress=progress)
     seconds = time.perf_counter() - start
-    correct = correct_norm = 0
+    correct = correct_norm = disagree = 0
     for ex, lls in zip(examples, scores):
-        correct += _argmax(lls) == ex.gold
-        correct_norm += _argmax([ll / max(len(c), 1) for ll, c in zip(lls, ex.choices)]) == ex.gold
+        pick, pick_norm = _argmax(lls), _argmax([ll / max(len(c), 1) for ll, c in zip(lls, ex.choices)])
+        correct += pick == ex.gold
+        correct_norm += pick_norm == ex.gold
+        disagree += pick != pick_norm
     return {
         "task": name_or_path,
         "acc": correct / len(examples),
         "acc_norm": correct_norm / len(examples),
+        # how often length normalisation changes the choice: equal acc and acc_norm can hide flips both ways
+        "norm_changes_choice": disagree,
         "examples": len(examples),
         "seconds": seconds,
         "examples_per_s": len(examples) / seconds,

@@ -190,6 +190,41 @@ class SearchSpace:
         """The whole network as a sub-network."""
         return self.subnet(self.largest())
 
+    def params_of(self, subnet: Subnet) -> dict[str, int] | None:
+        """The parameters that name ``subnet`` in this space, or None where the space cannot express it.
+
+        The inverse of :meth:`subnet`: e.g. an importance-pruned network (per-block counts of the
+        most important units) is a point of ``medium`` and ``large`` but, unless its counts are the
+        same in every block, not of ``small``.
+        """
+        if len(subnet.heads) != self.blocks:
+            return None
+        kept = subnet.kept_blocks
+        if self.name == "layer":
+            params = {f"block_{b}": int(b in kept) for b in range(self.blocks)}
+        elif self.name == "large":
+            per = self.group_size if self.gqa else 1
+            params = {}
+            for b in range(self.blocks):
+                heads, units = set(subnet.heads[b] or ()), set(subnet.units[b] or ())
+                params.update({f"head_{b}_{j}": int(j * per in heads) for j in range(self.heads // per)})
+                params.update({f"unit_{b}_{u}": int(u in units) for u in range(self.units)})
+        elif self.name == "medium":
+            if len(kept) != self.blocks:
+                return None
+            params = {k: v for b in kept for k, v in ((f"heads_{b}", len(subnet.heads[b])),
+                                                       (f"units_{b}", len(subnet.units[b])))}
+        else:
+            counts = {(len(subnet.heads[b]), len(subnet.units[b])) for b in kept}
+            if not kept or kept != list(range(len(kept))) or len(counts) != 1:
+                return None
+            (heads, units), = counts
+            params = {"blocks": len(kept), "heads": heads, "units": units}
+        try:
+            return params if self.subnet(params) == subnet else None
+        except (SlimformerError, RuntimeError):  # a count the space does not allow
+            return None
+
 
 # -- applying a sub-network --------------------------------------------------------------
 class _Skip(nn.Module):

@@ -13,8 +13,10 @@ Encoders on a GLUE task (the two-stage method of Klein et al. 2024):
 4. stage 2: the multi-objective search evaluates sub-networks of the super-network on the
    search-validation part (no retraining); the Pareto set is then measured on the dev set;
 5. the baseline is plain importance pruning of the standard fine-tuned model: one global
-   threshold on the normalised importance, at the sizes of the Pareto set below the full
-   model (pruning to 100% is no pruning), no search and no super-network training.
+   threshold on the normalised importance, at fixed sizes (``baseline_sizes``; or those of
+   the Pareto set below the full model), no search and no super-network training. Its
+   sub-networks at those sizes are also among the first trials of the search
+   (``seed_baseline``), measured there with the super-network's weights.
 
 Decoders, one-shot: no training; units are ranked on calibration windows, and sub-networks
 are scored by calibration perplexity with masks.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -65,7 +67,10 @@ class SearchConfig:
     max_length: int = 128
     train_limit: int | None = None
     search_valid: int = 500
-    baseline_sizes: tuple[float, ...] = field(default=())
+    # Importance pruning is measured at these fractions of the parameters (empty: at the sizes of
+    # the searched Pareto set), and its sub-networks there seed the search when ``seed_baseline``.
+    baseline_sizes: tuple[float, ...] = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+    seed_baseline: bool = True
 
     def __post_init__(self):
         if self.space not in SPACES:
@@ -111,10 +116,21 @@ def importance_prune(space: SearchSpace, target: float) -> Subnet:
     return subnet_at(hi)
 
 
-def initial_points(space: SearchSpace) -> list[dict]:
-    """The first trials: the largest and the smallest network, and evenly shrunk ones in between."""
+def initial_points(space: SearchSpace, sizes: tuple[float, ...] = ()) -> list[dict]:
+    """The first trials: the largest and the smallest network, evenly shrunk ones in between, and
+    the importance-pruned networks at ``sizes`` (fractions of the parameters) the space can express.
+
+    Seeding with importance pruning's own sub-networks means the search starts from the
+    baseline's solutions, measured with the super-network's weights, and improves on them;
+    without them NSGA-II's few generations may never visit that corner of a large space.
+    """
     evenly = [space.uniform(f) for f in (0.9, 0.75, 0.5)]
-    return [space.largest(), space.smallest(), *(p for p in evenly if p is not None)]
+    pruned = [space.params_of(importance_prune(space, size)) for size in sizes]
+    points = [space.largest(), space.smallest()]
+    for p in [*evenly, *pruned]:
+        if p is not None and p not in points:
+            points.append(p)
+    return points
 
 
 def split_train(examples: list, valid: int, seed: int) -> tuple[list, list]:
@@ -186,7 +202,7 @@ def encoder_search(stage1: Stage1, tokenizer, task: str, config: SearchConfig, *
     result = run_search(space.distributions(), objective, objectives=config.objectives, strategy=config.strategy,
                         trials=config.trials, seed=config.seed, storage=storage, backend=config.backend,
                         population=config.population, progress=progress,
-                        initial=initial_points(space))
+                        initial=initial_points(space, config.baseline_sizes if config.seed_baseline else ()))
     dev_eval = dict(max_length=config.max_length, task=info)
     front = []
     for trial in result.pareto_trials():
@@ -228,7 +244,7 @@ def decoder_search(adapter: Adapter, samples: torch.Tensor, config: SearchConfig
     result = run_search(space.distributions(), objective, objectives=config.objectives, strategy=config.strategy,
                         trials=config.trials, seed=config.seed, storage=storage, backend=config.backend,
                         population=config.population, progress=progress,
-                        initial=initial_points(space))
+                        initial=initial_points(space, config.baseline_sizes if config.seed_baseline else ()))
     return {"config": asdict(config), "result": result, "space": space, "importance": importance}
 
 
