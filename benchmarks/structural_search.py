@@ -5,18 +5,20 @@ set (``--train-limit``, default 2000 examples; 300 more held out for the search)
 at lr 1e-4, batch 32, 128 tokens. The reference model is a standard fine-tune; stage 1
 trains the super-network from it (``--supernet-init reference``, or from the pre-trained
 weights as the paper) with the sandwich rule (largest + smallest + one random sub-network,
-in-place distillation); stage 2 runs NSGA-II over the ``small`` space (blocks, heads, units)
-for ``--trials`` trials, objectives (1 − accuracy on the held-out 200, relative parameters).
-The Pareto set is then measured on the full dev set, and plain importance pruning (one global
-threshold on the normalised mask-gradient importance of the reference model, no search, no
-super-network) is measured at the same sizes below the full model. Hypervolume on dev: reference point
-(1.0 relative parameters, 0.5 error = chance).
+in-place distillation); stage 2 runs NSGA-II over the ``--space`` space (default ``medium``:
+heads and units per block) for ``--trials`` trials, objectives (1 − accuracy on the held-out
+300, relative parameters). The baseline is plain importance pruning of the reference (one
+global threshold on the normalised mask-gradient importance, no search, no super-network) at
+60, 65, …, 95% of the parameters; those sub-networks are also among the search's first
+trials (measured there with the super-network's weights). The searched Pareto set and the
+baseline are measured on the full dev set. Hypervolume on dev: reference point (1.0 relative
+parameters, 0.5 error = chance).
 
 SmolLM2-135M, one-shot (no training): the ``medium`` space (heads and units per block),
 NSGA-II, objectives (calibration perplexity on 8 × 512 WikiText-2 valid windows, relative
 parameters); importance from the same windows.
 
-    python benchmarks/structural_search.py [--only rte,mrpc,sst2,smollm2] [--trials 40]
+    python benchmarks/structural_search.py [--only rte,mrpc,sst2,smollm2] [--trials 50] [--space medium]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ WORK = Path(__file__).resolve().parents[1] / "runs" / "bench-structural"
 HV_REFERENCE = (1.0, 0.5)
 
 
-def encoder_run(task: str, trials: int, train_limit: int, init: str) -> dict:
+def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str) -> dict:
     """The two-stage search on one GLUE task, and importance pruning at the sizes of its Pareto set."""
     import torch
 
@@ -44,7 +46,7 @@ def encoder_run(task: str, trials: int, train_limit: int, init: str) -> dict:
 
     torch.set_num_threads(2)
     loaded = load_model("minilm-l6")
-    config = SearchConfig(space="small", objectives=("error", "params"), strategy="nsga2", trials=trials,
+    config = SearchConfig(space=space, objectives=("error", "params"), strategy="nsga2", trials=trials,
                           population=10, epochs=2, lr=1e-4, random_subnets=1, train_limit=train_limit,
                           search_valid=300, supernet_init=init)
     start = time.perf_counter()
@@ -59,7 +61,7 @@ def encoder_run(task: str, trials: int, train_limit: int, init: str) -> dict:
                RESULTS / f"structural_minilm_{task}.png", labels=("relative parameters", "1 − accuracy (dev)"),
                reference=HV_REFERENCE, title=f"MiniLM-L6 on {task.upper()}: searched front vs importance pruning")
     return {
-        "task": task, "trials": trials, "train_examples": train_limit, "supernet_init": init,
+        "task": task, "trials": trials, "train_examples": train_limit, "supernet_init": init, "space": space,
         "reference_dev": found["reference_dev"], "supernet_dev": found["supernet_dev"],
         "dev_front": found["dev_front"], "baseline": found["baseline"],
         "hypervolume_search": hypervolume(searched, HV_REFERENCE),
@@ -102,21 +104,24 @@ def decoder_run(trials: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default=",".join(RUNS))
-    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--trials", type=int, default=50, help="trials of each encoder search")
+    parser.add_argument("--decoder-trials", type=int, default=80, help="trials of the SmolLM2 one-shot search")
     parser.add_argument("--train-limit", type=int, default=2000)
     parser.add_argument("--supernet-init", default="reference", choices=["reference", "pretrained"])
+    parser.add_argument("--space", default="medium", choices=["small", "medium", "layer", "large"],
+                        help="search space of the encoder runs")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         run = json.loads(args.child)
-        out = decoder_run(args.trials * 2) if run == "smollm2" else \
-            encoder_run(run, args.trials, args.train_limit, args.supernet_init)
+        out = decoder_run(args.decoder_trials) if run == "smollm2" else \
+            encoder_run(run, args.trials, args.train_limit, args.supernet_init, args.space)
         print("RESULT " + json.dumps(out, default=float))
         return
     runs = [r for r in RUNS if r in args.only.split(",")]
     shutil.rmtree(WORK, ignore_errors=True)
-    results = run_children(__file__, runs, ["--trials", str(args.trials), "--train-limit", str(args.train_limit),
-                                            "--supernet-init", args.supernet_init])
+    results = run_children(__file__, runs, ["--trials", str(args.trials), "--decoder-trials", str(args.decoder_trials), "--train-limit", str(args.train_limit),
+                                            "--supernet-init", args.supernet_init, "--space", args.space])
     rows = []
     for r in results:
         if r["task"] == "smollm2":

@@ -1,12 +1,13 @@
 """Speed measurements: the timed greedy loop decodes what generate decodes, and the figures are well formed."""
 
 import statistics
+import types
 
 import pytest
 import torch
 
 from conftest import random_ids, tiny_model
-from slimformer.evaluation.speed import compare_speed, greedy_decode
+from slimformer.evaluation.speed import compare_speed, greedy_decode, synchronize
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gemma2"])
@@ -27,3 +28,18 @@ def test_compare_speed_reports_medians_of_every_run():
         assert len(r["runs"]["prefill_s"]) == 3 and len(r["runs"]["decode_step_s"]) == 3 * 4
         assert r["prefill_s"] > 0 and r["decode_tok_s"] > 0 and r["generate_tok_s"] > 0
         assert r["decode_tok_s"] == pytest.approx(1 / statistics.median(r["runs"]["decode_step_s"]))
+
+
+
+def test_timers_wait_for_a_cuda_device_and_not_for_a_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+
+    class OnGpu:  # reports a CUDA parameter without needing a GPU
+        def parameters(self):
+            yield types.SimpleNamespace(device=torch.device("cuda", 0))
+
+    synchronize(tiny_model("llama"))
+    assert calls == []
+    synchronize(OnGpu())
+    assert calls == [torch.device("cuda", 0)]

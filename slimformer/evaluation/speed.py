@@ -9,11 +9,24 @@ import torch
 from transformers import DynamicCache
 
 
+def synchronize(model) -> None:
+    """Wait for the model's device to finish its queued work, so a wall-clock reading times the work itself.
+
+    CUDA kernels run asynchronously: without this a timer would measure kernel launches only.
+    A no-op on a CPU.
+    """
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def prefill_seconds(model, ids: torch.Tensor) -> float:
     """Wall time of one forward pass over ``ids`` (no cache)."""
+    synchronize(model)
     start = time.perf_counter()
     model(input_ids=ids, use_cache=False)
+    synchronize(model)
     return time.perf_counter() - start
 
 
@@ -28,10 +41,12 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.T
     logits = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1).logits
     tokens = [logits[:, -1].argmax(-1, keepdim=True)]
     steps = []
+    synchronize(model)
     for _ in range(new_tokens - 1):
         start = time.perf_counter()
         logits = model(input_ids=tokens[-1], cache=cache, use_cache=True, logits_to_keep=1).logits
         tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+        synchronize(model)
         steps.append(time.perf_counter() - start)
     return torch.cat(tokens, 1), steps
 
@@ -45,8 +60,10 @@ def decode_step_seconds(model, prompt: torch.Tensor, new_tokens: int) -> list[fl
 def generate_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
     """End-to-end ``model.generate`` (greedy, exactly ``new_tokens``) in generated tokens per second."""
     # min = max new tokens: no sequence ends early, so the pad id is never used; it only silences a warning.
+    synchronize(model)
     start = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    synchronize(model)
     seconds = time.perf_counter() - start
     return (out.shape[1] - prompt.shape[1]) / seconds
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from slimformer.errors import SlimformerError
+from slimformer.evaluation.speed import synchronize
 from slimformer.search.space import SearchSpace, Subnet, count_params, extract, flops_per_token, masked
 
 OBJECTIVES = ("error", "params", "flops", "latency")
@@ -80,8 +81,10 @@ class Objective:
         times = []
         with torch.no_grad():
             for i in range(self.repeats + 1):
+                synchronize(model)
                 start = time.perf_counter()
                 model(input_ids=self.latency_input)
+                synchronize(model)
                 if i:  # the first run warms up
                     times.append(time.perf_counter() - start)
         return statistics.median(times)
