@@ -41,7 +41,7 @@ def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str)
     import torch
 
     from slimformer import load_model
-    from slimformer.search.pareto import hypervolume, plot_front
+    from slimformer.search.pareto import hypervolume
     from slimformer.search.structural import SearchConfig, dominates, encoder_search, train_stage1
 
     torch.set_num_threads(2)
@@ -57,9 +57,6 @@ def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str)
     search_s = time.perf_counter() - start
     searched = [(p["params"], 1 - p["dev"]["accuracy"]) for p in found["dev_front"]]
     baseline = [(b["params"], 1 - b["dev"]["accuracy"]) for b in found["baseline"]]
-    plot_front({"two-stage search (dev)": searched, "importance pruning (dev)": baseline},
-               RESULTS / f"structural_minilm_{task}.png", labels=("relative parameters", "1 − accuracy (dev)"),
-               reference=HV_REFERENCE, title=f"MiniLM-L6 on {task.upper()}: searched front vs importance pruning")
     return {
         "task": task, "trials": trials, "train_examples": train_limit, "supernet_init": init, "space": space,
         "reference_dev": found["reference_dev"], "supernet_dev": found["supernet_dev"],
@@ -78,7 +75,6 @@ def decoder_run(trials: int) -> dict:
 
     from slimformer import load_model
     from slimformer.data import calibration_samples
-    from slimformer.search.pareto import plot_front
     from slimformer.search.structural import SearchConfig, decoder_search
 
     torch.set_num_threads(2)
@@ -91,14 +87,26 @@ def decoder_run(trials: int) -> dict:
     seconds = time.perf_counter() - start
     result = found["result"]
     points = [(t["values"][1], t["values"][0]) for t in result.trials]
-    plot_front({"one-shot search": points}, RESULTS / "structural_smollm2.png",
-               labels=("relative parameters", "calibration perplexity"),
-               title="SmolLM2-135M, one-shot: perplexity vs parameters")
     return {"task": "smollm2", "trials": trials, "seconds": seconds,
             "pareto": [{"number": result.trials[i]["number"], "values": result.trials[i]["values"]}
                        for i in result.pareto],
-            "pareto_points": [points[i] for i in result.pareto], "hypervolume": result.hypervolume,
+            "pareto_points": [points[i] for i in result.pareto], "points": points, "hypervolume": result.hypervolume,
             "reference": result.reference}
+
+
+def plot_run(r: dict) -> None:
+    """Draw one run's figure from its result: searched front vs importance pruning, or the decoder's front."""
+    from slimformer.search.pareto import plot_front
+
+    if r["task"] == "smollm2":
+        plot_front({"one-shot search": r.get("points", r["pareto_points"])}, RESULTS / "structural_smollm2.png",
+                   labels=("relative parameters", "calibration perplexity"),
+                   title="SmolLM2-135M, one-shot: perplexity vs parameters")
+        return
+    plot_front({"two-stage search (dev)": [(p["params"], 1 - p["dev"]["accuracy"]) for p in r["dev_front"]],
+                "importance pruning (dev)": [(b["params"], 1 - b["dev"]["accuracy"]) for b in r["baseline"]]},
+               RESULTS / f"structural_minilm_{r['task']}.png", labels=("relative parameters", "1 − accuracy (dev)"),
+               reference=HV_REFERENCE, title=f"MiniLM-L6 on {r['task'].upper()}: searched front vs importance pruning")
 
 
 def main() -> None:
@@ -110,8 +118,14 @@ def main() -> None:
     parser.add_argument("--supernet-init", default="reference", choices=["reference", "pretrained"])
     parser.add_argument("--space", default="medium", choices=["small", "medium", "layer", "large"],
                         help="search space of the encoder runs")
+    parser.add_argument("--replot", action="store_true",
+                        help="redraw the figures from results/structural_search.json, running nothing")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.replot:
+        for r in json.loads((RESULTS / "structural_search.json").read_text())["runs"]:
+            plot_run(r)
+        return
     if args.child:
         run = json.loads(args.child)
         out = decoder_run(args.decoder_trials) if run == "smollm2" else \
@@ -124,6 +138,7 @@ def main() -> None:
                                             "--supernet-init", args.supernet_init, "--space", args.space])
     rows = []
     for r in results:
+        plot_run(r)
         if r["task"] == "smollm2":
             front = ", ".join(f"{p:.2f}→{e:.1f}" for p, e in sorted(r["pareto_points"]))
             rows.append(("SmolLM2 one-shot (params → calibration ppl)",

@@ -12,7 +12,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 
 from slimformer import SlimformerError
-from slimformer.search.pareto import default_reference, hypervolume, pareto_front, pareto_mask, plot_front
+from slimformer.search.pareto import (default_reference, front_figure, hypervolume, pareto_front, pareto_mask,
+                                      plot_front)
 from slimformer.search.strategies import STRATEGIES, STUDY_NAME, SearchResult, neighbour, run_search
 
 SPACE = {f"x{i}": IntDistribution(0, 10) for i in range(5)}
@@ -204,6 +205,14 @@ def test_plot_front_writes_a_png(tmp_path):
     assert data.startswith(b"\x89PNG") and len(data) > 5000
     with pytest.raises(SlimformerError, match="2"):
         plot_front({"3d": [[0, 1, 2]]}, tmp_path / "bad.png")
+
+
+def test_front_plot_goes_logarithmic_when_the_error_spans_orders_of_magnitude():
+    perplexities = [(1.0, 27.5), (0.8, 73.7), (0.6, 1470.0), (0.31, 4.0e9)]
+    assert front_figure({"one-shot": perplexities}).axes[0].get_yscale() == "log"
+    assert front_figure({"search": [(1.0, 0.2), (0.6, 0.35)]}).axes[0].get_yscale() == "linear"
+    assert front_figure({"search": [(1.0, 0.2), (0.6, 0.35)]}, log_y=True).axes[0].get_yscale() == "log"
+    assert front_figure({"signed": [(1.0, -5.0), (0.5, 1e6)]}).axes[0].get_yscale() == "linear"
 
 
 def test_neighbours_are_one_step_away():

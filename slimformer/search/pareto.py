@@ -106,26 +106,20 @@ def default_reference(points: ArrayLike, margin: float = 0.1) -> list[float]:
     return ref
 
 
-def plot_front(
+def front_figure(
     series: Mapping[str, ArrayLike],
-    path: str | Path,
     labels: tuple[str, str] = ("objective 1", "objective 2"),
     reference: Sequence[float] | None = None,
     title: str | None = None,
-) -> Path:
-    """Plot two-objective points: every point faint, each series' Pareto front as a step line with markers.
-
-    ``series`` maps a name (e.g. ``"search"``, ``"importance pruning"``) to its points, so
-    several fronts share one plot. The format follows the suffix of ``path`` (``.png``,
-    ``.svg``, ``.pdf``). Returns ``path``.
-    """
+    log_y: bool | None = None,
+):
+    """The matplotlib ``Figure`` that :func:`plot_front` saves (same arguments, no path)."""
     # The object-oriented API draws with Agg (or the file format's own backend) without
     # touching pyplot's global figure state.
     from matplotlib.figure import Figure
 
     if not series:
         raise SlimformerError("plot_front needs at least one series of points")
-    path = Path(path)
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.add_subplot()
     for i, (name, points) in enumerate(series.items()):
@@ -137,12 +131,40 @@ def plot_front(
             ax.step(front[:, 0], front[:, 1], where="post", color=color, marker="o", markersize=4, label=name)
     if reference is not None:
         ax.scatter([reference[0]], [reference[1]], marker="x", color="0.4", label="reference")
+    if log_y is None:
+        ys = np.concatenate([as_points(points, dims=2)[:, 1] for points in series.values()])
+        ys = ys[np.isfinite(ys)]
+        log_y = bool(len(ys)) and ys.min() > 0 and ys.max() / ys.min() > 1e3
+    if log_y:
+        ax.set_yscale("log")
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return fig
+
+
+def plot_front(
+    series: Mapping[str, ArrayLike],
+    path: str | Path,
+    labels: tuple[str, str] = ("objective 1", "objective 2"),
+    reference: Sequence[float] | None = None,
+    title: str | None = None,
+    log_y: bool | None = None,
+) -> Path:
+    """Plot two-objective points: every point faint, each series' Pareto front as a step line with markers.
+
+    ``series`` maps a name (e.g. ``"search"``, ``"importance pruning"``) to its points, so
+    several fronts share one plot. The format follows the suffix of ``path`` (``.png``,
+    ``.svg``, ``.pdf``). ``log_y`` puts the second objective on a log scale; by default it
+    does so when that objective is positive and spans more than three orders of magnitude
+    (perplexities of heavily pruned models), where a linear axis would flatten the front.
+    Returns ``path``.
+    """
+    path = Path(path)
+    fig = front_figure(series, labels=labels, reference=reference, title=title, log_y=log_y)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=150)
     return path
