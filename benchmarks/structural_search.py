@@ -1,7 +1,7 @@
 """Structural search benchmark: MiniLM-L6 on GLUE (two-stage search vs importance pruning) and SmolLM2 one-shot.
 
 MiniLM-L6 (``minilm-l6``), for each of RTE, MRPC and SST-2: a seeded sample of the training
-set (``--train-limit``, default 2000 examples; 300 more held out for the search), 2 epochs
+set (``--train-limit``, default 2000 examples; ``--search-valid`` 300 more held out for the search), 2 epochs
 at lr 1e-4, batch 32, 128 tokens. The reference model is a standard fine-tune; stage 1
 trains the super-network from it (``--supernet-init reference``, or from the pre-trained
 weights as the paper) with the sandwich rule (largest + smallest + one random sub-network,
@@ -36,7 +36,7 @@ WORK = Path(__file__).resolve().parents[1] / "runs" / "bench-structural"
 HV_REFERENCE = (1.0, 0.5)
 
 
-def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str) -> dict:
+def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str, search_valid: int) -> dict:
     """The two-stage search on one GLUE task, and importance pruning at the sizes of its Pareto set."""
     import torch
 
@@ -48,7 +48,7 @@ def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str)
     loaded = load_model("minilm-l6")
     config = SearchConfig(space=space, objectives=("error", "params"), strategy="nsga2", trials=trials,
                           population=10, epochs=2, lr=1e-4, random_subnets=1, train_limit=train_limit,
-                          search_valid=300, supernet_init=init)
+                          search_valid=search_valid, supernet_init=init)
     start = time.perf_counter()
     stage1 = train_stage1(loaded.model, loaded.tokenizer, task, config, progress=False)
     stage1_s = time.perf_counter() - start
@@ -58,7 +58,8 @@ def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str)
     searched = [(p["params"], 1 - p["dev"]["accuracy"]) for p in found["dev_front"]]
     baseline = [(b["params"], 1 - b["dev"]["accuracy"]) for b in found["baseline"]]
     return {
-        "task": task, "trials": trials, "train_examples": train_limit, "supernet_init": init, "space": space,
+        "task": task, "trials": trials, "train_examples": train_limit, "search_valid": search_valid,
+        "supernet_init": init, "space": space,
         "reference_dev": found["reference_dev"], "supernet_dev": found["supernet_dev"],
         "dev_front": found["dev_front"], "baseline": found["baseline"],
         "hypervolume_search": hypervolume(searched, HV_REFERENCE),
@@ -94,18 +95,21 @@ def decoder_run(trials: int) -> dict:
             "reference": result.reference}
 
 
-def plot_run(r: dict) -> None:
-    """Draw one run's figure from its result: searched front vs importance pruning, or the decoder's front."""
+def plot_run(r: dict, suffix: str = "") -> None:
+    """Draw one run's figure from its result: searched front vs importance pruning, or the decoder's front.
+
+    ``suffix`` keeps a partial run's figures apart from the full benchmark's.
+    """
     from slimformer.search.pareto import plot_front
 
     if r["task"] == "smollm2":
-        plot_front({"one-shot search": r.get("points", r["pareto_points"])}, RESULTS / "structural_smollm2.png",
+        plot_front({"one-shot search": r.get("points", r["pareto_points"])}, RESULTS / f"structural_smollm2{suffix}.png",
                    labels=("relative parameters", "calibration perplexity"),
                    title="SmolLM2-135M, one-shot: perplexity vs parameters")
         return
     plot_front({"two-stage search (dev)": [(p["params"], 1 - p["dev"]["accuracy"]) for p in r["dev_front"]],
                 "importance pruning (dev)": [(b["params"], 1 - b["dev"]["accuracy"]) for b in r["baseline"]]},
-               RESULTS / f"structural_minilm_{r['task']}.png", labels=("relative parameters", "1 − accuracy (dev)"),
+               RESULTS / f"structural_minilm_{r['task']}{suffix}.png", labels=("relative parameters", "1 − accuracy (dev)"),
                reference=HV_REFERENCE, title=f"MiniLM-L6 on {r['task'].upper()}: searched front vs importance pruning")
 
 
@@ -115,6 +119,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=50, help="trials of each encoder search")
     parser.add_argument("--decoder-trials", type=int, default=80, help="trials of the SmolLM2 one-shot search")
     parser.add_argument("--train-limit", type=int, default=2000)
+    parser.add_argument("--search-valid", type=int, default=300, help="training examples held out for the search")
     parser.add_argument("--supernet-init", default="reference", choices=["reference", "pretrained"])
     parser.add_argument("--space", default="medium", choices=["small", "medium", "layer", "large"],
                         help="search space of the encoder runs")
@@ -129,16 +134,19 @@ def main() -> None:
     if args.child:
         run = json.loads(args.child)
         out = decoder_run(args.decoder_trials) if run == "smollm2" else \
-            encoder_run(run, args.trials, args.train_limit, args.supernet_init, args.space)
+            encoder_run(run, args.trials, args.train_limit, args.supernet_init, args.space,
+                        args.search_valid)
         print("RESULT " + json.dumps(out, default=float))
         return
     runs = [r for r in RUNS if r in args.only.split(",")]
     shutil.rmtree(WORK, ignore_errors=True)
-    results = run_children(__file__, runs, ["--trials", str(args.trials), "--decoder-trials", str(args.decoder_trials), "--train-limit", str(args.train_limit),
+    results = run_children(__file__, runs, ["--trials", str(args.trials), "--decoder-trials", str(args.decoder_trials),
+                                            "--train-limit", str(args.train_limit), "--search-valid", str(args.search_valid),
                                             "--supernet-init", args.supernet_init, "--space", args.space])
+    partial = len(runs) < len(RUNS)
     rows = []
     for r in results:
-        plot_run(r)
+        plot_run(r, "_" + "_".join(runs) if partial else "")
         if r["task"] == "smollm2":
             front = ", ".join(f"{p:.2f}→{e:.1f}" for p, e in sorted(r["pareto_points"]))
             rows.append(("SmolLM2 one-shot (params → calibration ppl)",
@@ -155,7 +163,7 @@ def main() -> None:
         rows.append((f"{r['task'].upper()} wall time", f"stage 1 {r['stage1_s']:.0f} s "
                      f"(reference {r['stage1_timing']['reference_finetune_s']:.0f} s, super-network "
                      f"{r['stage1_timing']['supernet_finetune_s']:.0f} s), search + dev evaluation {r['search_s']:.0f} s"))
-    name = "structural_search" if len(runs) == len(RUNS) else "structural_search_" + "_".join(runs)
+    name = "structural_search_" + "_".join(runs) if partial else "structural_search"
     write_result(name, {"runs": results}, rows)
 
 
