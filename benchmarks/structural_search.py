@@ -1,13 +1,13 @@
 """Structural search benchmark: MiniLM-L6 on GLUE (two-stage search vs importance pruning) and SmolLM2 one-shot.
 
 MiniLM-L6 (``minilm-l6``), for each of RTE, MRPC and SST-2: a seeded sample of the training
-set (``--train-limit``, default 2000 examples; ``--search-valid`` 300 more held out for the search), 2 epochs
+set (``--train-limit``, default 2000 examples; ``--search-valid`` 500 more held out for the search), 2 epochs
 at lr 1e-4, batch 32, 128 tokens. The reference model is a standard fine-tune; stage 1
 trains the super-network from it (``--supernet-init reference``, or from the pre-trained
 weights as the paper) with the sandwich rule (largest + smallest + one random sub-network,
 in-place distillation); stage 2 runs NSGA-II over the ``--space`` space (default ``medium``:
 heads and units per block) for ``--trials`` trials, objectives (1 − accuracy on the held-out
-300, relative parameters). The baseline is plain importance pruning of the reference (one
+examples, relative parameters). The baseline is plain importance pruning of the reference (one
 global threshold on the normalised mask-gradient importance, no search, no super-network) at
 60, 65, …, 95% of the parameters; those sub-networks are also among the search's first
 trials (measured there with the super-network's weights). The searched Pareto set and the
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=50, help="trials of each encoder search")
     parser.add_argument("--decoder-trials", type=int, default=80, help="trials of the SmolLM2 one-shot search")
     parser.add_argument("--train-limit", type=int, default=2000)
-    parser.add_argument("--search-valid", type=int, default=300, help="training examples held out for the search")
+    parser.add_argument("--search-valid", type=int, default=500, help="training examples held out for the search")
     parser.add_argument("--supernet-init", default="reference", choices=["reference", "pretrained"])
     parser.add_argument("--space", default="medium", choices=["small", "medium", "layer", "large"],
                         help="search space of the encoder runs")
@@ -146,7 +146,7 @@ def main() -> None:
     partial = len(runs) < len(RUNS)
     rows = []
     for r in results:
-        plot_run(r, "_" + "_".join(runs) if partial else "")
+        plot_run(r, "_partial" if partial else "")
         if r["task"] == "smollm2":
             front = ", ".join(f"{p:.2f}→{e:.1f}" for p, e in sorted(r["pareto_points"]))
             rows.append(("SmolLM2 one-shot (params → calibration ppl)",
