@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from transformers import DynamicCache
+
+T = TypeVar("T")
 
 
 def synchronize(model) -> None:
@@ -20,14 +24,19 @@ def synchronize(model) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(model, fn: Callable[[], T]) -> tuple[T, float]:
+    """``fn()``'s result and its wall seconds, with the model's device synchronised on both sides."""
+    synchronize(model)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(model)
+    return out, time.perf_counter() - start
+
+
 @torch.no_grad()
 def prefill_seconds(model, ids: torch.Tensor) -> float:
     """Wall time of one forward pass over ``ids`` (no cache)."""
-    synchronize(model)
-    start = time.perf_counter()
-    model(input_ids=ids, use_cache=False)
-    synchronize(model)
-    return time.perf_counter() - start
+    return timed(model, lambda: model(input_ids=ids, use_cache=False))[1]
 
 
 @torch.no_grad()
@@ -41,13 +50,15 @@ def greedy_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.T
     logits = model(input_ids=prompt, cache=cache, use_cache=True, logits_to_keep=1).logits
     tokens = [logits[:, -1].argmax(-1, keepdim=True)]
     steps = []
-    synchronize(model)
-    for _ in range(new_tokens - 1):
-        start = time.perf_counter()
+
+    def step() -> torch.Tensor:
         logits = model(input_ids=tokens[-1], cache=cache, use_cache=True, logits_to_keep=1).logits
-        tokens.append(logits[:, -1].argmax(-1, keepdim=True))
-        synchronize(model)
-        steps.append(time.perf_counter() - start)
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    for _ in range(new_tokens - 1):
+        token, seconds = timed(model, step)
+        tokens.append(token)
+        steps.append(seconds)
     return torch.cat(tokens, 1), steps
 
 
@@ -60,11 +71,8 @@ def decode_step_seconds(model, prompt: torch.Tensor, new_tokens: int) -> list[fl
 def generate_tokens_per_s(model, prompt: torch.Tensor, new_tokens: int) -> float:
     """End-to-end ``model.generate`` (greedy, exactly ``new_tokens``) in generated tokens per second."""
     # min = max new tokens: no sequence ends early, so the pad id is never used; it only silences a warning.
-    synchronize(model)
-    start = time.perf_counter()
-    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    synchronize(model)
-    seconds = time.perf_counter() - start
+    out, seconds = timed(model, lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                       do_sample=False, pad_token_id=0))
     return (out.shape[1] - prompt.shape[1]) / seconds
 
 

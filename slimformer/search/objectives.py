@@ -7,13 +7,12 @@ All are minimised. ``params`` and ``flops`` are relative to the full model (1.0 
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 from slimformer.errors import SlimformerError
-from slimformer.evaluation.speed import synchronize
+from slimformer.evaluation.speed import timed
 from slimformer.search.space import SearchSpace, Subnet, count_params, extract, flops_per_token, masked
 
 OBJECTIVES = ("error", "params", "flops", "latency")
@@ -81,12 +80,9 @@ class Objective:
         times = []
         with torch.no_grad():
             for i in range(self.repeats + 1):
-                synchronize(model)
-                start = time.perf_counter()
-                model(input_ids=self.latency_input)
-                synchronize(model)
+                seconds = timed(model, lambda: model(input_ids=self.latency_input))[1]
                 if i:  # the first run warms up
-                    times.append(time.perf_counter() - start)
+                    times.append(seconds)
         return statistics.median(times)
 
     def __call__(self, params: dict) -> tuple[float, ...]:

@@ -119,7 +119,7 @@ def front_figure(
     from matplotlib.figure import Figure
 
     if not series:
-        raise SlimformerError("plot_front needs at least one series of points")
+        raise SlimformerError("a front plot needs at least one series of points")
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.add_subplot()
     for i, (name, points) in enumerate(series.items()):

@@ -72,6 +72,11 @@ class SearchConfig:
     baseline_sizes: tuple[float, ...] = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
     seed_baseline: bool = True
 
+    @property
+    def seed_sizes(self) -> tuple[float, ...]:
+        """The sizes whose importance-pruned sub-networks seed the search (none unless ``seed_baseline``)."""
+        return self.baseline_sizes if self.seed_baseline else ()
+
     def __post_init__(self):
         if self.space not in SPACES:
             raise SlimformerError(f"unknown search space '{self.space}'; choose one of {', '.join(SPACES)}")
@@ -202,7 +207,7 @@ def encoder_search(stage1: Stage1, tokenizer, task: str, config: SearchConfig, *
     result = run_search(space.distributions(), objective, objectives=config.objectives, strategy=config.strategy,
                         trials=config.trials, seed=config.seed, storage=storage, backend=config.backend,
                         population=config.population, progress=progress,
-                        initial=initial_points(space, config.baseline_sizes if config.seed_baseline else ()))
+                        initial=initial_points(space, config.seed_sizes))
     dev_eval = dict(max_length=config.max_length, task=info)
     front = []
     for trial in result.pareto_trials():
@@ -244,7 +249,7 @@ def decoder_search(adapter: Adapter, samples: torch.Tensor, config: SearchConfig
     result = run_search(space.distributions(), objective, objectives=config.objectives, strategy=config.strategy,
                         trials=config.trials, seed=config.seed, storage=storage, backend=config.backend,
                         population=config.population, progress=progress,
-                        initial=initial_points(space, config.baseline_sizes if config.seed_baseline else ()))
+                        initial=initial_points(space, config.seed_sizes))
     return {"config": asdict(config), "result": result, "space": space, "importance": importance}
 
 
