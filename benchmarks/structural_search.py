@@ -4,15 +4,17 @@ MiniLM-L6 (``minilm-l6``), for each of RTE, MRPC and SST-2: a seeded sample of t
 set (``--train-limit``, default 2000 examples; ``--search-valid`` 500 more held out for the search), 2 epochs
 at lr 1e-4, batch 32, 128 tokens. The reference model is a standard fine-tune; stage 1
 trains the super-network from it (``--supernet-init reference``, or from the pre-trained
-weights as the paper) with the sandwich rule (largest + smallest + one random sub-network,
-in-place distillation); stage 2 runs NSGA-II over the ``--space`` space (default ``medium``:
-heads and units per block) for ``--trials`` trials, objectives (1 − accuracy on the held-out
-examples, relative parameters). The baseline is plain importance pruning of the reference (one
-global threshold on the normalised mask-gradient importance, no search, no super-network) at
-60, 65, …, 95% of the parameters; those sub-networks are also among the search's first
-trials (measured there with the super-network's weights). The searched Pareto set and the
-baseline are measured on the full dev set. Hypervolume on dev: reference point (1.0 relative
-parameters, 0.5 error = chance).
+weights as the paper) with the sandwich rule (largest + smallest + one random sub-network drawn
+size first, ``--sampling sized``; in-place distillation, ``--distill``); stage 2 runs NSGA-II over
+the ``--space`` space (default ``medium``: heads and units per block) for ``--trials`` trials,
+objectives (1 − accuracy on the held-out examples, relative parameters). The baseline is plain
+importance pruning of the reference (one global threshold on the normalised mask-gradient
+importance, no search, no super-network), measured at 60, 65, …, 95% of the parameters — those
+sub-networks are also among the search's first trials, measured there with the super-network's
+weights — and at the sizes of the searched Pareto set. The searched Pareto set and the baseline
+are measured on the full dev set. Hypervolume on dev: reference point (1.0 relative parameters,
+0.5 error = chance). The closest gap is how many dev examples the searched front wins (or loses)
+by at the baseline point it beats least.
 
 SmolLM2-135M, one-shot (no training): the ``medium`` space (heads and units per block),
 NSGA-II, objectives (calibration perplexity on 8 × 512 WikiText-2 valid windows, relative
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -36,19 +39,22 @@ WORK = Path(__file__).resolve().parents[1] / "runs" / "bench-structural"
 HV_REFERENCE = (1.0, 0.5)
 
 
-def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str, search_valid: int) -> dict:
+def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str, search_valid: int,
+                distill: str, sampling: str) -> dict:
     """The two-stage search on one GLUE task, and importance pruning at the sizes of its Pareto set."""
     import torch
 
     from slimformer import load_model
     from slimformer.search.pareto import hypervolume
-    from slimformer.search.structural import SearchConfig, dominates, encoder_search, train_stage1
+    from slimformer.data.glue import glue_task, load_glue
+    from slimformer.search.structural import SearchConfig, dominance_margin, dominates, encoder_search, train_stage1
 
     torch.set_num_threads(2)
     loaded = load_model("minilm-l6")
     config = SearchConfig(space=space, objectives=("error", "params"), strategy="nsga2", trials=trials,
                           population=10, epochs=2, lr=1e-4, random_subnets=1, train_limit=train_limit,
-                          search_valid=search_valid, supernet_init=init)
+                          search_valid=search_valid, supernet_init=init, distill=distill,
+                          sampling=sampling)
     start = time.perf_counter()
     stage1 = train_stage1(loaded.model, loaded.tokenizer, task, config, progress=False)
     stage1_s = time.perf_counter() - start
@@ -57,14 +63,21 @@ def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str,
     search_s = time.perf_counter() - start
     searched = [(p["params"], 1 - p["dev"]["accuracy"]) for p in found["dev_front"]]
     baseline = [(b["params"], 1 - b["dev"]["accuracy"]) for b in found["baseline"]]
+    at_front = [(b["params"], 1 - b["dev"]["accuracy"]) for b in found["baseline_at_front"]]
+    labels = [e.label for e in load_glue(glue_task(task), "dev")]
     return {
         "task": task, "trials": trials, "train_examples": train_limit, "search_valid": search_valid,
-        "supernet_init": init, "space": space,
+        "supernet_init": init, "space": space, "distill": distill, "sampling": sampling,
         "reference_dev": found["reference_dev"], "supernet_dev": found["supernet_dev"],
-        "dev_front": found["dev_front"], "baseline": found["baseline"],
+        "dev_front": found["dev_front"], "baseline": found["baseline"], "baseline_at_front": found["baseline_at_front"],
         "hypervolume_search": hypervolume(searched, HV_REFERENCE),
         "hypervolume_baseline": hypervolume(baseline, HV_REFERENCE),
         "search_dominates_baseline": dominates(searched, baseline),
+        "dominance_margin_examples": dominance_margin(searched, baseline) * len(labels),
+        "hypervolume_baseline_at_front": hypervolume(at_front, HV_REFERENCE),
+        "search_dominates_baseline_at_front": dominates(searched, at_front),
+        "dominance_margin_at_front_examples": dominance_margin(searched, at_front) * len(labels),
+        "dev_examples": len(labels), "dev_majority": max(labels.count(c) for c in set(labels)) / len(labels),
         "search_trials": found["result"].trials,
         "stage1_s": stage1_s, "stage1_timing": stage1.timing, "search_s": search_s,
     }
@@ -107,10 +120,45 @@ def plot_run(r: dict, suffix: str = "") -> None:
                    labels=("relative parameters", "calibration perplexity"),
                    title="SmolLM2-135M, one-shot: perplexity vs parameters")
         return
-    plot_front({"two-stage search (dev)": [(p["params"], 1 - p["dev"]["accuracy"]) for p in r["dev_front"]],
-                "importance pruning (dev)": [(b["params"], 1 - b["dev"]["accuracy"]) for b in r["baseline"]]},
+    fronts = {"two-stage search (dev)": [(p["params"], 1 - p["dev"]["accuracy"]) for p in r["dev_front"]],
+              "importance pruning, 60–95% (dev)": [(b["params"], 1 - b["dev"]["accuracy"]) for b in r["baseline"]]}
+    if r.get("baseline_at_front"):
+        fronts["importance pruning at the front's sizes (dev)"] = [(b["params"], 1 - b["dev"]["accuracy"])
+                                                                  for b in r["baseline_at_front"]]
+    plot_front(fronts,
                RESULTS / f"structural_minilm_{r['task']}{suffix}.png", labels=("relative parameters", "1 − accuracy (dev)"),
                reference=HV_REFERENCE, title=f"MiniLM-L6 on {r['task'].upper()}: searched front vs importance pruning")
+
+
+def table_rows(results: list[dict]) -> list[tuple[str, str]]:
+    """The Markdown table's rows: for each run its accuracies, fronts, hypervolumes, dominance and wall times."""
+    rows = []
+    for r in results:
+        if r["task"] == "smollm2":
+            front = ", ".join(f"{p:.2f}→{e:.1f}" for p, e in sorted(r["pareto_points"]))
+            rows.append(("SmolLM2 one-shot (params → calibration ppl)",
+                         f"{r['trials']} trials in {r['seconds']:.0f} s; Pareto set: {front}"))
+            continue
+        front = ", ".join(f"{p['params']:.2f}→{p['dev']['accuracy']:.3f}" for p in sorted(r["dev_front"], key=lambda p: p["params"]))
+        base = ", ".join(f"{b['params']:.2f}→{b['dev']['accuracy']:.3f}" for b in r["baseline"])
+        n, ref_acc = r["dev_examples"], r["reference_dev"]["accuracy"]
+        rows.append((f"{r['task'].upper()} reference / super-network (full) dev accuracy",
+                     f"{ref_acc:.3f} / {r['supernet_dev']['accuracy']:.3f} ({n} dev examples, majority class "
+                     f"{r['dev_majority']:.3f}, binomial 95% half-width ±{1.96 * math.sqrt(ref_acc * (1 - ref_acc) / n):.3f})"))
+        rows.append((f"{r['task'].upper()} searched Pareto set on dev (params → accuracy)", front))
+        rows.append((f"{r['task'].upper()} importance pruning on dev (params → accuracy)", base))
+        at_front = ", ".join(f"{b['params']:.2f}→{b['dev']['accuracy']:.3f}" for b in r["baseline_at_front"])
+        rows.append((f"{r['task'].upper()} importance pruning at the front's sizes on dev", at_front))
+        rows.append((f"{r['task'].upper()} hypervolume search / baseline; search dominates",
+                     f"{r['hypervolume_search']:.4f} / {r['hypervolume_baseline']:.4f}; {r['search_dominates_baseline']} "
+                     f"(closest gap: {r['dominance_margin_examples']:+.0f} dev examples)"))
+        rows.append((f"{r['task'].upper()} at the front's sizes: hypervolume of pruning; search dominates",
+                     f"{r['hypervolume_baseline_at_front']:.4f}; {r['search_dominates_baseline_at_front']} "
+                     f"(closest gap: {r['dominance_margin_at_front_examples']:+.0f} dev examples)"))
+        rows.append((f"{r['task'].upper()} wall time", f"stage 1 {r['stage1_s']:.0f} s "
+                     f"(reference {r['stage1_timing']['reference_finetune_s']:.0f} s, super-network "
+                     f"{r['stage1_timing']['supernet_finetune_s']:.0f} s), search + dev evaluation {r['search_s']:.0f} s"))
+    return rows
 
 
 def main() -> None:
@@ -121,6 +169,10 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=2000)
     parser.add_argument("--search-valid", type=int, default=500, help="training examples held out for the search")
     parser.add_argument("--supernet-init", default="reference", choices=["reference", "pretrained"])
+    parser.add_argument("--distill", default="inplace", choices=["inplace", "reference", "none"],
+                        help="what stage 1's smaller sub-networks learn from")
+    parser.add_argument("--sampling", default="sized", choices=["sized", "uniform"],
+                        help="how stage 1 draws its random sub-networks")
     parser.add_argument("--space", default="medium", choices=["small", "medium", "layer", "large"],
                         help="search space of the encoder runs")
     parser.add_argument("--replot", action="store_true",
@@ -135,36 +187,20 @@ def main() -> None:
         run = json.loads(args.child)
         out = decoder_run(args.decoder_trials) if run == "smollm2" else \
             encoder_run(run, args.trials, args.train_limit, args.supernet_init, args.space,
-                        args.search_valid)
+                        args.search_valid, args.distill, args.sampling)
         print("RESULT " + json.dumps(out, default=float))
         return
     runs = [r for r in RUNS if r in args.only.split(",")]
     shutil.rmtree(WORK, ignore_errors=True)
     results = run_children(__file__, runs, ["--trials", str(args.trials), "--decoder-trials", str(args.decoder_trials),
                                             "--train-limit", str(args.train_limit), "--search-valid", str(args.search_valid),
-                                            "--supernet-init", args.supernet_init, "--space", args.space])
+                                            "--supernet-init", args.supernet_init, "--space", args.space,
+                                            "--distill", args.distill, "--sampling", args.sampling])
     partial = len(runs) < len(RUNS)
-    rows = []
     for r in results:
         plot_run(r, "_partial" if partial else "")
-        if r["task"] == "smollm2":
-            front = ", ".join(f"{p:.2f}→{e:.1f}" for p, e in sorted(r["pareto_points"]))
-            rows.append(("SmolLM2 one-shot (params → calibration ppl)",
-                         f"{r['trials']} trials in {r['seconds']:.0f} s; Pareto set: {front}"))
-            continue
-        front = ", ".join(f"{p['params']:.2f}→{p['dev']['accuracy']:.3f}" for p in sorted(r["dev_front"], key=lambda p: p["params"]))
-        base = ", ".join(f"{b['params']:.2f}→{b['dev']['accuracy']:.3f}" for b in r["baseline"])
-        rows.append((f"{r['task'].upper()} reference / super-network (full) dev accuracy",
-                     f"{r['reference_dev']['accuracy']:.3f} / {r['supernet_dev']['accuracy']:.3f}"))
-        rows.append((f"{r['task'].upper()} searched Pareto set on dev (params → accuracy)", front))
-        rows.append((f"{r['task'].upper()} importance pruning on dev (params → accuracy)", base))
-        rows.append((f"{r['task'].upper()} hypervolume search / baseline; search dominates",
-                     f"{r['hypervolume_search']:.4f} / {r['hypervolume_baseline']:.4f}; {r['search_dominates_baseline']}"))
-        rows.append((f"{r['task'].upper()} wall time", f"stage 1 {r['stage1_s']:.0f} s "
-                     f"(reference {r['stage1_timing']['reference_finetune_s']:.0f} s, super-network "
-                     f"{r['stage1_timing']['supernet_finetune_s']:.0f} s), search + dev evaluation {r['search_s']:.0f} s"))
     name = "structural_search_" + "_".join(runs) if partial else "structural_search"
-    write_result(name, {"runs": results}, rows)
+    write_result(name, {"runs": results}, table_rows(results))
 
 
 if __name__ == "__main__":

@@ -243,7 +243,13 @@ def _add_search_parsers(sub) -> None:
     p.add_argument("--supernet-init", default="reference", choices=["reference", "pretrained"],
                    help="encoders: start the super-network from the fine-tuned reference or the pre-trained weights")
     p.add_argument("--random-subnets", type=int, default=2, help="sandwich rule: random sub-networks per step")
-    p.add_argument("--train-limit", type=int, default=None, help="encoders: use only the first N training examples")
+    p.add_argument("--distill", default="inplace", choices=["inplace", "reference", "none"],
+                   help="encoders: what the smaller sub-networks learn from (the largest one's predictions, "
+                        "the fine-tuned reference's, or the labels)")
+    p.add_argument("--sampling", default="sized", choices=["sized", "uniform"],
+                   help="encoders: how the super-network's random sub-networks are drawn (a size first, or "
+                        "each head and unit count uniformly)")
+    p.add_argument("--train-limit", type=int, default=None, help="encoders: train on a seeded sample of N training examples")
     p.add_argument("--out", required=True, help="run folder (running again resumes the search)")
     p = sub.add_parser("extract", help=cmd_extract.__doc__)
     p.add_argument("run", help="folder of a finished search")

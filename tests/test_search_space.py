@@ -196,3 +196,25 @@ def test_params_of_refuses_what_a_space_cannot_express():
     dropped = Subnet([[0, 1, 2, 3], None, None], [list(range(48)), None, None])
     assert medium.params_of(dropped) is None and small.params_of(dropped) == {"blocks": 1, "heads": 4, "units": 48}
     assert SearchSpace("layer", adapter, imp).params_of(dropped) == {"block_0": 1, "block_1": 0, "block_2": 0}
+
+
+def test_sized_sampling_covers_the_size_range_that_uniform_draws_miss():
+    adapter = get_adapter(tiny_model("llama"))  # 3 blocks: the medium space has 6 parameters
+    space = SearchSpace("medium", adapter, random_importance(adapter))
+    dists = space.distributions()
+    low, full = count_params(adapter, space.subnet(space.smallest())), count_params(adapter)
+
+    def relative_sizes(spread):
+        g = torch.Generator().manual_seed(0)
+        draws = [space.sample(g, spread) for _ in range(300)]
+        for params in draws:  # every draw is a point of the space
+            assert all(dists[k].low <= v <= dists[k].high and (v - dists[k].low) % dists[k].step == 0
+                       for k, v in params.items())
+        return torch.tensor([(count_params(adapter, space.subnet(p)) - low) / (full - low) for p in draws])
+
+    uniform, sized = relative_sizes(None), relative_sizes(0.2)
+    # the sized draws reach both ends of the range, and spread far more evenly over it
+    assert sized.min() < 0.05 and sized.max() > 0.95
+    assert sized.std() > 1.5 * uniform.std()
+    for lo in (0.0, 0.25, 0.5, 0.75):
+        assert ((sized >= lo) & (sized < lo + 0.25)).float().mean() > 0.1

@@ -10,8 +10,8 @@ from slimformer import SlimformerError, get_adapter, load_model, save_model
 from slimformer.cli import main
 from slimformer.search.space import Importance, SearchSpace, count_params, masked
 from slimformer.search.strategies import SearchResult
-from slimformer.search.structural import (SearchConfig, dominates, decoder_search, encoder_search, importance_prune,
-                                          initial_points, train_stage1)
+from slimformer.search.structural import (SearchConfig, decoder_search, dominance_margin, dominates, encoder_search,
+                                          importance_prune, initial_points, train_stage1)
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
@@ -60,6 +60,9 @@ def test_encoder_two_stage_search_runs_and_compares_with_importance_pruning():
     assert len(found["result"].trials) == 4
     assert len(found["dev_front"]) == len(found["result"].pareto)
     assert [b["target"] for b in found["baseline"]] == list(config.baseline_sizes)
+    # importance pruning at the searched front's own sizes too, point for point
+    front_sizes = sorted(round(p["params"], 3) for p in found["dev_front"] if p["params"] < 0.999)
+    assert [b["target"] for b in found["baseline_at_front"]] == sorted(set(front_sizes))
     for row in found["dev_front"] + found["baseline"]:
         assert 0 <= row["dev"]["accuracy"] <= 1 and row["dev"]["examples"] == 277
 
@@ -87,6 +90,17 @@ def test_importance_pruned_networks_seed_the_search_and_the_baseline_can_follow_
 def test_dominance():
     assert dominates([(0.5, 0.2), (1.0, 0.1)], [(0.5, 0.3), (1.0, 0.1)])
     assert not dominates([(0.5, 0.2)], [(0.4, 0.3)])
+
+
+def test_dominance_margin_is_the_closest_gap_and_its_sign_is_dominance():
+    import math
+
+    front = [(0.5, 0.2), (1.0, 0.1)]
+    assert dominance_margin(front, [(0.5, 0.3), (1.0, 0.1)]) == pytest.approx(0.0)
+    assert dominance_margin(front, [(0.6, 0.25), (0.9, 0.3)]) == pytest.approx(0.05)
+    assert dominance_margin(front, [(0.6, 0.15)]) == pytest.approx(-0.05)
+    assert not dominates(front, [(0.6, 0.15)])
+    assert dominance_margin(front, [(0.4, 0.9)]) == -math.inf
 
 
 def test_cli_search_resumes_and_extracts(saved_tiny, tmp_path, capsys):
@@ -151,3 +165,53 @@ def test_ray_backend_evaluates_subnetworks_like_the_local_one():
         if key in local:
             assert t["values"] == pytest.approx(local[key], rel=1e-5)
     assert len(runs["ray"].trials) == 4 and runs["ray"].trials[0]["values"] == pytest.approx(runs["local"].trials[0]["values"])
+
+
+@pytest.mark.parametrize("distill", ["none", "inplace", "reference"])
+def test_sandwich_loss_sums_the_largest_and_the_smallest_with_the_chosen_targets(distill):
+    import copy
+
+    import torch.nn.functional as F
+
+    from slimformer.data.glue import GlueExample
+    from slimformer.evaluation.glue import batches, classifier_from
+    from slimformer.search.supernet import sandwich_loss
+
+    model = classifier_from(tiny_model("bert"), 2)
+    teacher = classifier_from(tiny_model("bert"), 2, seed=1)  # differs from the student, so the targets differ
+    tokenizer = tiny_tokenizer()
+    examples = [GlueExample("a b c", "d e", 0), GlueExample("c d", "a a b", 1), GlueExample("e", "b c", 1)]
+    batch = next(iter(batches(tokenizer, examples, 3, 16)))
+    space = SearchSpace("medium", get_adapter(model), Importance([torch.rand(4)] * 3, [torch.rand(48)] * 3))
+    loss = sandwich_loss(space, random_subnets=0, distill=distill, teacher=copy.deepcopy(teacher))(model, batch)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        full = model(**inputs).logits
+        with masked(space.adapter, space.subnet(space.smallest())):
+            small = model(**inputs).logits
+        taught = teacher(**inputs).logits
+    labels = batch["labels"]
+    soft = lambda target, logits: -(F.softmax(target, -1) * F.log_softmax(logits, -1)).sum(-1).mean()  # noqa: E731
+    expected = {
+        "none": F.cross_entropy(full, labels) + F.cross_entropy(small, labels),
+        "inplace": F.cross_entropy(full, labels) + soft(full, small),
+        "reference": (F.cross_entropy(full, labels) + soft(taught, full)) / 2 + soft(taught, small),
+    }[distill]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.requires_grad
+
+
+def test_sandwich_loss_bad_input():
+    from slimformer.search.supernet import sandwich_loss
+
+    space = SearchSpace("medium", get_adapter(tiny_model("bert")), Importance([torch.rand(4)] * 3, [torch.rand(48)] * 3))
+    with pytest.raises(SlimformerError, match="unknown distillation 'teacher'"):
+        sandwich_loss(space, distill="teacher")
+    with pytest.raises(SlimformerError, match="needs the teacher"):
+        sandwich_loss(space, distill="reference")
+    with pytest.raises(SlimformerError, match="unknown sampling 'even'"):
+        sandwich_loss(space, sampling="even")
+    with pytest.raises(SlimformerError, match="unknown distillation"):
+        SearchConfig(distill="yes")
+    with pytest.raises(SlimformerError, match="unknown sampling"):
+        SearchConfig(sampling="even")

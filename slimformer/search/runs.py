@@ -32,7 +32,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     return SearchConfig(space=args.space, objectives=tuple(args.objectives.split(",")), strategy=args.strategy,
                         trials=args.trials, seed=args.seed, backend=args.backend, population=args.population,
                         epochs=args.epochs, supernet=not args.no_supernet, supernet_init=args.supernet_init,
-                        random_subnets=args.random_subnets,
+                        random_subnets=args.random_subnets, distill=args.distill, sampling=args.sampling,
                         train_limit=args.train_limit)
 
 
@@ -89,7 +89,7 @@ def run_search_job(model: str, task: str | None, config: SearchConfig, out: str 
                   "importance pruning (dev)": [[b["params"], 1 - b["dev"]["accuracy"]] for b in found["baseline"]]}
         extra = {"dev_front": found["dev_front"], "baseline": {"label": "importance pruning (dev)",
                  "points": points["importance pruning (dev)"], "runs": found["baseline"]},
-                 "reference_dev": found["reference_dev"], "supernet_dev": found["supernet_dev"],
+                 "baseline_at_front": found["baseline_at_front"], "reference_dev": found["reference_dev"], "supernet_dev": found["supernet_dev"],
                  "timing": stage1.timing}
         labels = ("relative parameters", "1 − accuracy (dev)")
     else:

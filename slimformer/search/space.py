@@ -134,12 +134,27 @@ class SearchSpace:
             out[k] = d.high if k == "blocks" else max(d.low, round(d.high * fraction / d.step) * d.step)
         return out
 
-    def sample(self, generator: torch.Generator) -> dict[str, int]:
-        """Uniformly random parameters (for the random sub-networks of super-network training)."""
+    def sample(self, generator: torch.Generator, spread: float | None = None) -> dict[str, int]:
+        """Random parameters, for the random sub-networks of super-network training.
+
+        ``spread=None``: each parameter uniformly at random. In a space of many parameters
+        (``medium``: two per block) the size of such a sub-network is a sum of independent
+        draws and so concentrates in the middle — for MiniLM-L6, 90% of them keep 0.71–0.85 of
+        the parameters and none above 0.88 — leaving the large and the small sub-networks
+        untrained. ``spread=w``: first a fraction ``t`` uniform in [0, 1], then each parameter
+        at ``t`` plus uniform noise in [-w, w] (clipped) of its range, so sizes cover the whole
+        range evenly while the shapes still vary from block to block.
+        """
         out = {}
+        t = float(torch.rand((), generator=generator)) if spread is not None else 0.0
         for k, d in self.distributions().items():
             choices = (d.high - d.low) // d.step + 1
-            out[k] = d.low + d.step * int(torch.randint(choices, (1,), generator=generator))
+            if spread is None:
+                index = int(torch.randint(choices, (1,), generator=generator))
+            else:
+                u = t + spread * (2 * float(torch.rand((), generator=generator)) - 1)
+                index = round(min(max(u, 0.0), 1.0) * (choices - 1))
+            out[k] = d.low + d.step * index
         return out
 
     # -- parameters -> sub-network -------------------------------------------------------

@@ -9,14 +9,17 @@ Encoders on a GLUE task (the two-stage method of Klein et al. 2024):
    (:mod:`slimformer.search.supernet`), units ordered by that ranking. Klein et al. start it
    from the pre-trained weights (``supernet_init="pretrained"``); the default here starts it
    from the fine-tuned reference (``"reference"``), which reaches useful sub-networks in far
-   fewer steps — what a CPU budget allows;
+   fewer steps — what a CPU budget allows. Its random sub-networks are drawn size first
+   (``sampling="sized"``) rather than uniformly per parameter as in the paper, so that sizes
+   near the full model are trained too (see :func:`~slimformer.search.supernet.sandwich_loss`);
 4. stage 2: the multi-objective search evaluates sub-networks of the super-network on the
    search-validation part (no retraining); the Pareto set is then measured on the dev set;
 5. the baseline is plain importance pruning of the standard fine-tuned model: one global
-   threshold on the normalised importance, at fixed sizes (``baseline_sizes``; or those of
-   the Pareto set below the full model), no search and no super-network training. Its
-   sub-networks at those sizes are also among the first trials of the search
-   (``seed_baseline``), measured there with the super-network's weights.
+   threshold on the normalised importance, no search and no super-network training. It is
+   measured at fixed sizes (``baseline_sizes``; its sub-networks there are also among the
+   first trials of the search when ``seed_baseline``, measured there with the super-network's
+   weights) and at the sizes of the searched Pareto set below the full model
+   (``baseline_at_front``: the same sizes, point for point).
 
 Decoders, one-shot: no training; units are ranked on calibration windows, and sub-networks
 are scored by calibration perplexity with masks.
@@ -41,7 +44,7 @@ from slimformer.search.objectives import Objective, parse_objectives
 from slimformer.search.pareto import hypervolume, pareto_mask
 from slimformer.search.space import SPACES, Importance, SearchSpace, Subnet, count_params, masked
 from slimformer.search.strategies import BACKENDS, STRATEGIES, run_search
-from slimformer.search.supernet import sandwich_loss
+from slimformer.search.supernet import DISTILL, SAMPLING, sandwich_loss
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,8 @@ class SearchConfig:
     supernet: bool = True
     supernet_init: str = "reference"
     random_subnets: int = 2
-    distill: bool = True
+    distill: str = "inplace"
+    sampling: str = "sized"
     lr: float = 5e-5
     batch_size: int = 32
     max_length: int = 128
@@ -87,6 +91,10 @@ class SearchConfig:
         object.__setattr__(self, "objectives", tuple(parse_objectives(list(self.objectives))))
         if self.trials < 1:
             raise SlimformerError(f"trials must be at least 1, not {self.trials}")
+        if self.distill not in DISTILL:
+            raise SlimformerError(f"unknown distillation '{self.distill}'; choose one of {', '.join(DISTILL)}")
+        if self.sampling not in SAMPLING:
+            raise SlimformerError(f"unknown sampling '{self.sampling}'; choose one of {', '.join(SAMPLING)}")
         if self.supernet_init not in ("reference", "pretrained"):
             raise SlimformerError(f"supernet_init must be 'reference' or 'pretrained', not '{self.supernet_init}'")
 
@@ -189,7 +197,9 @@ def train_stage1(pretrained, tokenizer, task: str, config: SearchConfig, *, prog
         supernet.load_state_dict(reference.state_dict())
     if config.supernet:
         space = SearchSpace(config.space, get_adapter(supernet), importance)
-        hook = sandwich_loss(space, random_subnets=config.random_subnets, distill=config.distill, seed=config.seed)
+        hook = sandwich_loss(space, random_subnets=config.random_subnets, distill=config.distill,
+                             teacher=reference if config.distill == "reference" else None,
+                             sampling=config.sampling, seed=config.seed)
         timing["supernet_finetune_s"] = finetune_classifier(supernet, tokenizer, train, step_hook=hook,
                                                             **finetune)["seconds"]
     return Stage1(reference.eval(), supernet.eval(), importance, timing)
@@ -197,7 +207,11 @@ def train_stage1(pretrained, tokenizer, task: str, config: SearchConfig, *, prog
 
 def encoder_search(stage1: Stage1, tokenizer, task: str, config: SearchConfig, *, storage: Path | None = None,
                    progress: bool = True) -> dict:
-    """Stage 2 and the comparison (steps 4–5): the search, its Pareto set on dev, and importance pruning at its sizes."""
+    """Stage 2 and the comparison (steps 4–5): the search, its Pareto set on dev, and importance pruning.
+
+    Importance pruning is measured at ``config.baseline_sizes`` (``baseline``; the front's sizes
+    when empty) and at the sizes of the searched Pareto set (``baseline_at_front``).
+    """
     info, _, search_valid, dev = task_splits(task, config)
     supernet, reference = stage1.supernet, stage1.reference
     space = SearchSpace(config.space, get_adapter(supernet), stage1.importance)
@@ -218,15 +232,22 @@ def encoder_search(stage1: Stage1, tokenizer, task: str, config: SearchConfig, *
                       "search_values": trial["values"], "dev": metrics})
     ref_adapter = get_adapter(reference)
     ref_space = SearchSpace(config.space, ref_adapter, stage1.importance)
-    sizes = config.baseline_sizes or tuple(sorted({round(p["params"], 3) for p in front if p["params"] < 0.999}))
-    baseline = []
-    for size in sizes:
-        subnet = importance_prune(ref_space, size)
-        with masked(ref_adapter, subnet):
-            metrics = evaluate_classifier(reference, tokenizer, dev, **dev_eval)
-        baseline.append({"target": size, "params": count_params(ref_adapter, subnet) / objective.total_params,
+
+    def importance_pruning(sizes) -> list[dict]:
+        rows = []
+        for size in sizes:
+            subnet = importance_prune(ref_space, size)
+            with masked(ref_adapter, subnet):
+                metrics = evaluate_classifier(reference, tokenizer, dev, **dev_eval)
+            rows.append({"target": size, "params": count_params(ref_adapter, subnet) / objective.total_params,
                          "dev": metrics})
+        return rows
+
+    front_sizes = tuple(sorted({round(p["params"], 3) for p in front if p["params"] < 0.999}))
+    at_front = importance_pruning(front_sizes)
+    baseline = importance_pruning(config.baseline_sizes) if config.baseline_sizes else at_front
     return {"task": info.name, "result": result, "space": space, "dev_front": front, "baseline": baseline,
+            "baseline_at_front": at_front,
             "reference_dev": evaluate_classifier(reference, tokenizer, dev, **dev_eval),
             "supernet_dev": evaluate_classifier(supernet, tokenizer, dev, **dev_eval)}
 
@@ -258,6 +279,22 @@ def dominates(front: list[tuple[float, float]], other: list[tuple[float, float]]
     return all(any(a[0] <= b[0] and a[1] <= b[1] for a in front) for b in other)
 
 
+def dominance_margin(front: list[tuple[float, float]], other: list[tuple[float, float]]) -> float:
+    """How far ``front`` is below ``other`` in the second objective, at worst: the minimum over points ``b``
+    of ``other`` of ``b[1] - min(a[1] for a in front if a[0] <= b[0])``.
+
+    Non-negative exactly when ``front`` weakly dominates ``other``; ``-inf`` when some point of
+    ``other`` is smaller in the first objective than all of ``front``. With errors on a dev set
+    of ``n`` examples, ``margin * n`` is the number of examples by which the front wins (or loses)
+    where it is closest.
+    """
+    margins = []
+    for b in other:
+        below = [a[1] for a in front if a[0] <= b[0]]
+        margins.append(b[1] - min(below) if below else -math.inf)
+    return min(margins, default=math.inf)
+
+
 def front_summary(points: list[tuple[float, float]], reference: tuple[float, float]) -> dict:
     """The non-dominated points of a 2-objective set and their hypervolume against ``reference``."""
     if not points:
@@ -267,5 +304,5 @@ def front_summary(points: list[tuple[float, float]], reference: tuple[float, flo
     return {"front": front, "hypervolume": float(hypervolume(points, reference))}
 
 
-__all__ = ["SearchConfig", "Stage1", "calibration_perplexity", "decoder_search", "dominates", "encoder_search",
-           "front_summary", "importance_prune", "split_train", "task_splits", "train_stage1"]
+__all__ = ["SearchConfig", "Stage1", "calibration_perplexity", "decoder_search", "dominance_margin", "dominates",
+           "encoder_search", "front_summary", "importance_prune", "split_train", "task_splits", "train_stage1"]

@@ -2,10 +2,18 @@
 
 Klein et al. (2024), following BigNAS (Yu et al. 2020): every step trains the largest
 sub-network on the labels, and the smallest plus a few random sub-networks of the search
-space — by in-place distillation from the largest one's (detached) predictions when
-``distill`` is on, else on the labels too. The gradients of all of them are summed, so the
-shared weights learn to work at every size; the search of stage 2 then evaluates
-sub-networks with these weights and no retraining.
+space. ``distill`` says what those learn from:
+
+- ``"inplace"`` (the paper's choice): the largest sub-network's detached predictions of the
+  same step (in-place distillation);
+- ``"reference"``: a fixed teacher, the fine-tuned reference model, as DynaBERT (Hou et al.
+  2020) distils every width from its fine-tuned full model. The largest sub-network then
+  learns from the teacher as well as from the labels (the two losses averaged), so every size,
+  the full one included, gets the teacher's soft targets;
+- ``"none"``: the labels, like the largest.
+
+The gradients of all of them are summed, so the shared weights learn to work at every size;
+the search of stage 2 then evaluates sub-networks with these weights and no retraining.
 """
 
 from __future__ import annotations
@@ -15,31 +23,59 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from slimformer.errors import SlimformerError
 from slimformer.search.space import SearchSpace, masked
+
+DISTILL = ("inplace", "reference", "none")
+# How the random sub-networks are drawn: each parameter uniformly (the paper), or a size first
+# and every parameter near it (SearchSpace.sample's ``spread``), so that sizes cover the range.
+SAMPLING = {"uniform": None, "sized": 0.2}
+
+
+def _soft_ce(teacher: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return -(teacher * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
 def sandwich_loss(
-    space: SearchSpace, *, random_subnets: int = 2, distill: bool = True, seed: int = 0
+    space: SearchSpace, *, random_subnets: int = 2, distill: str = "inplace", teacher: torch.nn.Module | None = None,
+    sampling: str = "sized", seed: int = 0,
 ) -> Callable[[torch.nn.Module, dict], torch.Tensor]:
-    """A per-step loss ``fn(model, batch)`` for a sequence classifier: largest + smallest + ``random_subnets`` random ones."""
+    """A per-step loss ``fn(model, batch)`` for a sequence classifier: largest + smallest + ``random_subnets`` random ones.
+
+    ``distill`` is one of :data:`DISTILL` (module doc); ``"reference"`` needs ``teacher``, a
+    classifier with the same labels, which is run without gradients. ``sampling`` is a key of
+    :data:`SAMPLING`: ``"uniform"`` draws each parameter of the space uniformly, as Klein et al.;
+    the default ``"sized"`` draws a size first (see :meth:`SearchSpace.sample`), because in a
+    space with a head and a unit count per block uniform draws almost never train the
+    sub-networks near full size, where importance pruning is strongest.
+    """
+    if distill not in DISTILL:
+        raise SlimformerError(f"unknown distillation '{distill}'; choose one of {', '.join(DISTILL)}")
+    if sampling not in SAMPLING:
+        raise SlimformerError(f"unknown sampling '{sampling}'; choose one of {', '.join(SAMPLING)}")
+    if distill == "reference" and teacher is None:
+        raise SlimformerError("distill='reference' needs the teacher model")
     generator = torch.Generator().manual_seed(seed)
     smallest = space.subnet(space.smallest())
 
     def loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        out = model(**batch)
-        total = out.loss
-        teacher = F.softmax(out.logits.detach().float(), dim=-1)
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        subnets = [smallest] + [space.subnet(space.sample(generator)) for _ in range(random_subnets)]
+        out = model(**batch)
+        if distill == "reference":
+            with torch.no_grad():
+                target = F.softmax(teacher(**inputs).logits.float(), dim=-1)
+            total = (out.loss + _soft_ce(target, out.logits)) / 2
+        else:
+            target = F.softmax(out.logits.detach().float(), dim=-1)
+            total = out.loss
+        subnets = [smallest] + [space.subnet(space.sample(generator, SAMPLING[sampling])) for _ in range(random_subnets)]
         for subnet in subnets:
             if not subnet.kept_blocks:
                 continue
             with masked(space.adapter, subnet):
-                logits = model(**inputs).logits.float()
-            if distill:  # soft cross-entropy against the largest sub-network (in-place distillation)
-                total = total - (teacher * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-            else:
-                total = total + F.cross_entropy(logits, batch["labels"])
+                logits = model(**inputs).logits
+            total = total + (F.cross_entropy(logits.float(), batch["labels"]) if distill == "none"
+                             else _soft_ce(target, logits))
         return total
 
     return loss
