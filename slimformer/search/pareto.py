@@ -130,7 +130,7 @@ def front_figure(
         if len(front):
             ax.step(front[:, 0], front[:, 1], where="post", color=color, marker="o", markersize=4, label=name)
     if reference is not None:
-        ax.scatter([reference[0]], [reference[1]], marker="x", color="0.4", label="reference")
+        ax.scatter([reference[0]], [reference[1]], marker="x", color="0.4", label="hypervolume reference point")
     if log_y is None:
         ys = np.concatenate([as_points(points, dims=2)[:, 1] for points in series.values()])
         ys = ys[np.isfinite(ys)]

@@ -139,8 +139,8 @@ class SearchSpace:
 
         ``spread=None``: each parameter uniformly at random. In a space of many parameters
         (``medium``: two per block) the size of such a sub-network is a sum of independent
-        draws and so concentrates in the middle — for MiniLM-L6, 90% of them keep 0.71–0.85 of
-        the parameters and none above 0.88 — leaving the large and the small sub-networks
+        draws and so concentrates in the middle — for MiniLM-L6, 90% of them keep 0.70–0.85 of
+        the parameters, none of 200 more than 0.88 — leaving the large and the small sub-networks
         untrained. ``spread=w``: first a fraction ``t`` uniform in [0, 1], then each parameter
         at ``t`` plus uniform noise in [-w, w] (clipped) of its range, so sizes cover the whole
         range evenly while the shapes still vary from block to block.
