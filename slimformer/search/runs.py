@@ -89,7 +89,8 @@ def run_search_job(model: str, task: str | None, config: SearchConfig, out: str 
                   "importance pruning (dev)": [[b["params"], 1 - b["dev"]["accuracy"]] for b in found["baseline"]]}
         extra = {"dev_front": found["dev_front"], "baseline": {"label": "importance pruning (dev)",
                  "points": points["importance pruning (dev)"], "runs": found["baseline"]},
-                 "baseline_at_front": found["baseline_at_front"], "reference_dev": found["reference_dev"], "supernet_dev": found["supernet_dev"],
+                 "baseline_at_front": found["baseline_at_front"], "reference_dev": found["reference_dev"],
+                 "supernet_dev": found["supernet_dev"],
                  "timing": stage1.timing}
         labels = ("relative parameters", "1 − accuracy (dev)")
     else:

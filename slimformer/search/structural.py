@@ -276,7 +276,7 @@ def decoder_search(adapter: Adapter, samples: torch.Tensor, config: SearchConfig
 
 def dominates(front: list[tuple[float, float]], other: list[tuple[float, float]]) -> bool:
     """Whether every point of ``other`` is weakly dominated by some point of ``front`` (both minimised)."""
-    return all(any(a[0] <= b[0] and a[1] <= b[1] for a in front) for b in other)
+    return dominance_margin(front, other) >= 0
 
 
 def dominance_margin(front: list[tuple[float, float]], other: list[tuple[float, float]]) -> float:
