@@ -233,15 +233,17 @@ def encoder_search(stage1: Stage1, tokenizer, task: str, config: SearchConfig, *
     ref_adapter = get_adapter(reference)
     ref_space = SearchSpace(config.space, ref_adapter, stage1.importance)
 
+    measured: dict[float, dict] = {}  # the grid and the front share sizes (0.8, 0.95, ...): measure each once
+
     def importance_pruning(sizes) -> list[dict]:
-        rows = []
         for size in sizes:
-            subnet = importance_prune(ref_space, size)
-            with masked(ref_adapter, subnet):
-                metrics = evaluate_classifier(reference, tokenizer, dev, **dev_eval)
-            rows.append({"target": size, "params": count_params(ref_adapter, subnet) / objective.total_params,
-                         "dev": metrics})
-        return rows
+            if size not in measured:
+                subnet = importance_prune(ref_space, size)
+                with masked(ref_adapter, subnet):
+                    metrics = evaluate_classifier(reference, tokenizer, dev, **dev_eval)
+                measured[size] = {"target": size, "params": count_params(ref_adapter, subnet) / objective.total_params,
+                                  "dev": metrics}
+        return [dict(measured[size]) for size in sizes]
 
     front_sizes = tuple(sorted({round(p["params"], 3) for p in front if p["params"] < 0.999}))
     at_front = importance_pruning(front_sizes)
