@@ -19,7 +19,8 @@ def write_result(name: str, payload: dict, rows: list[tuple[str, str]]) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     machine = payload["machine"]
     lines = [f"# {name}", "", f"Machine: {machine['processor']}, {machine['cpu_count']} cores, "
-             f"{machine['torch_threads']} torch threads, torch {machine['torch']}, transformers {machine['transformers']}.",
+             f"{machine['torch_threads']} torch threads, torch {machine['torch']}, transformers {machine['transformers']}"
+             + (f", GPU {machine['cuda']}." if machine.get("cuda") else "."),
              "", "| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
     (RESULTS / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
@@ -30,7 +31,9 @@ def run_children(script: str, runs: list, extra: list[str]) -> list[dict]:
     results = []
     for run in runs:
         proc = subprocess.run([sys.executable, script, "--child", json.dumps(run), *extra],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"run {run} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
         results.append(json.loads(line[len("RESULT "):]))
         print({k: v for k, v in results[-1].items() if k not in ("rounds", "speed")}, flush=True)

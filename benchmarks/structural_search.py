@@ -35,26 +35,33 @@ from pathlib import Path
 from common import RESULTS, run_children, write_result
 
 RUNS = ["rte", "mrpc", "sst2", "smollm2"]
+# --select-schedule: (epochs, lr) of the fine-tunes, the reference's best on held-out training examples wins.
+SCHEDULE_GRID = [(epochs, lr) for epochs in (3, 10) for lr in (2e-5, 5e-5, 1e-4)]
 WORK = Path(__file__).resolve().parents[1] / "runs" / "bench-structural"
 HV_REFERENCE = (1.0, 0.5)
 
 
-def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str, search_valid: int,
-                distill: str, sampling: str) -> dict:
+def encoder_run(task: str, args: argparse.Namespace) -> dict:
     """The two-stage search on one GLUE task, and importance pruning at the sizes of its Pareto set."""
     import torch
 
     from slimformer import load_model
     from slimformer.search.pareto import hypervolume
     from slimformer.data.glue import glue_task, load_glue
-    from slimformer.search.structural import SearchConfig, dominance_margin, dominates, encoder_search, train_stage1
+    from slimformer.search.structural import (SearchConfig, dominance_margin, dominates, encoder_search,
+                                              select_schedule, train_stage1)
 
     torch.set_num_threads(2)
-    loaded = load_model("minilm-l6")
-    config = SearchConfig(space=space, objectives=("error", "params"), strategy="nsga2", trials=trials,
-                          population=10, epochs=2, lr=1e-4, random_subnets=1, train_limit=train_limit,
-                          search_valid=search_valid, supernet_init=init, distill=distill,
-                          sampling=sampling)
+    loaded = load_model("minilm-l6", device=args.device)
+    config = SearchConfig(space=args.space, objectives=("error", "params"), strategy="nsga2", trials=args.trials,
+                          population=10, epochs=args.epochs, lr=args.lr, random_subnets=args.random_subnets,
+                          train_limit=args.train_limit or None, search_valid=args.search_valid,
+                          supernet_init=args.supernet_init, distill=args.distill, sampling=args.sampling)
+    schedules, select_s = [], 0.0
+    if args.select_schedule:
+        start = time.perf_counter()
+        config, schedules = select_schedule(loaded.model, loaded.tokenizer, task, config, SCHEDULE_GRID, progress=False)
+        select_s = time.perf_counter() - start
     start = time.perf_counter()
     stage1 = train_stage1(loaded.model, loaded.tokenizer, task, config, progress=False)
     stage1_s = time.perf_counter() - start
@@ -66,8 +73,11 @@ def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str,
     at_front = [(b["params"], 1 - b["dev"]["accuracy"]) for b in found["baseline_at_front"]]
     labels = [e.label for e in load_glue(glue_task(task), "dev")]
     return {
-        "task": task, "trials": trials, "train_examples": train_limit, "search_valid": search_valid,
-        "supernet_init": init, "space": space, "distill": distill, "sampling": sampling,
+        "task": task, "trials": args.trials, "train_examples": args.train_limit or "all",
+        "search_valid": args.search_valid, "supernet_init": args.supernet_init, "space": args.space,
+        "distill": args.distill, "sampling": args.sampling, "random_subnets": args.random_subnets,
+        "epochs": config.epochs, "lr": config.lr, "device": args.device,
+        "schedules": schedules, "select_schedule_s": select_s,
         "reference_dev": found["reference_dev"], "supernet_dev": found["supernet_dev"],
         "dev_front": found["dev_front"], "baseline": found["baseline"], "baseline_at_front": found["baseline_at_front"],
         "hypervolume_search": hypervolume(searched, HV_REFERENCE),
@@ -83,7 +93,7 @@ def encoder_run(task: str, trials: int, train_limit: int, init: str, space: str,
     }
 
 
-def decoder_run(trials: int) -> dict:
+def decoder_run(trials: int, device: str = "cpu") -> dict:
     """The one-shot search of SmolLM2-135M's heads and units by calibration perplexity."""
     import torch
 
@@ -92,7 +102,7 @@ def decoder_run(trials: int) -> dict:
     from slimformer.search.structural import SearchConfig, decoder_search
 
     torch.set_num_threads(2)
-    loaded = load_model("smollm2-135m")
+    loaded = load_model("smollm2-135m", device=device)
     samples = calibration_samples(loaded.tokenizer, "wikitext2:valid", n=8, seqlen=512, seed=0)
     config = SearchConfig(space="medium", objectives=("error", "params"), strategy="nsga2", trials=trials,
                           population=20, importance_batches=8)
@@ -145,6 +155,13 @@ def table_rows(results: list[dict]) -> list[tuple[str, str]]:
         rows.append((f"{r['task'].upper()} reference / super-network (full) dev accuracy",
                      f"{ref_acc:.3f} / {r['supernet_dev']['accuracy']:.3f} ({n} dev examples, majority class "
                      f"{r['dev_majority']:.3f}, binomial 95% half-width ±{1.96 * math.sqrt(ref_acc * (1 - ref_acc) / n):.3f})"))
+        schedule = f"{r.get('epochs', 2):g} epochs at lr {r.get('lr', 1e-4):g}, {r.get('random_subnets', 1)} random " \
+                   f"sub-network(s) per step, {r['train_examples']} training examples"
+        if r.get("schedules"):
+            grid = "; ".join(f"{g['epochs']:g} ep. lr {g['lr']:g}: {g['search_valid_accuracy']:.3f} / "
+                             f"{g['dev_accuracy']:.3f}" for g in r["schedules"])
+            schedule += f" — chosen on held-out accuracy in {r['select_schedule_s']:.0f} s (held-out / dev): {grid}"
+        rows.append((f"{r['task'].upper()} fine-tuning", schedule))
         rows.append((f"{r['task'].upper()} searched Pareto set on dev (params → accuracy)", front))
         rows.append((f"{r['task'].upper()} importance pruning on dev (params → accuracy)", base))
         at_front = ", ".join(f"{b['params']:.2f}→{b['dev']['accuracy']:.3f}" for b in r["baseline_at_front"])
@@ -166,7 +183,14 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(RUNS))
     parser.add_argument("--trials", type=int, default=50, help="trials of each encoder search")
     parser.add_argument("--decoder-trials", type=int, default=80, help="trials of the SmolLM2 one-shot search")
-    parser.add_argument("--train-limit", type=int, default=2000)
+    parser.add_argument("--train-limit", type=int, default=2000, help="training examples (0: the whole training set)")
+    parser.add_argument("--epochs", type=float, default=2, help="fine-tuning epochs (reference and super-network)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
+    parser.add_argument("--select-schedule", action="store_true",
+                        help="choose epochs and lr per task from SCHEDULE_GRID by the reference's held-out accuracy")
+    parser.add_argument("--random-subnets", type=int, default=1, help="stage 1: random sub-networks per step")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--tag", default="", help="suffix of the result files (e.g. the machine)")
     parser.add_argument("--search-valid", type=int, default=500, help="training examples held out for the search")
     parser.add_argument("--supernet-init", default="reference", choices=["reference", "pretrained"])
     parser.add_argument("--distill", default="inplace", choices=["inplace", "reference", "none"],
@@ -185,9 +209,7 @@ def main() -> None:
         return
     if args.child:
         run = json.loads(args.child)
-        out = decoder_run(args.decoder_trials) if run == "smollm2" else \
-            encoder_run(run, args.trials, args.train_limit, args.supernet_init, args.space,
-                        args.search_valid, args.distill, args.sampling)
+        out = decoder_run(args.decoder_trials, args.device) if run == "smollm2" else encoder_run(run, args)
         print("RESULT " + json.dumps(out, default=float))
         return
     runs = [r for r in RUNS if r in args.only.split(",")]
@@ -195,11 +217,15 @@ def main() -> None:
     results = run_children(__file__, runs, ["--trials", str(args.trials), "--decoder-trials", str(args.decoder_trials),
                                             "--train-limit", str(args.train_limit), "--search-valid", str(args.search_valid),
                                             "--supernet-init", args.supernet_init, "--space", args.space,
-                                            "--distill", args.distill, "--sampling", args.sampling])
+                                            "--distill", args.distill, "--sampling", args.sampling,
+                                            "--epochs", str(args.epochs), "--lr", str(args.lr),
+                                            "--random-subnets", str(args.random_subnets), "--device", args.device,
+                                            *(["--select-schedule"] if args.select_schedule else [])])
     partial = len(runs) < len(RUNS)
+    tag = f"_{args.tag}" if args.tag else ""
     for r in results:
-        plot_run(r, "_partial" if partial else "")
-    name = "structural_search_" + "_".join(runs) if partial else "structural_search"
+        plot_run(r, ("_partial" if partial else "") + tag)
+    name = ("structural_search_" + "_".join(runs) if partial else "structural_search") + tag
     write_result(name, {"runs": results}, table_rows(results))
 
 

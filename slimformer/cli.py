@@ -202,7 +202,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     config = runs.config_from_args(args)  # bad spaces, strategies, objectives fail before any loading
     summary = runs.run_search_job(args.model, args.task, config, args.out, seed=args.seed, nsamples=args.nsamples,
-                                  seqlen=args.seqlen, dtype=args.dtype, progress=True)
+                                  seqlen=args.seqlen, dtype=args.dtype, device=args.device, progress=True)
     runs.print_summary(summary)
     from slimformer.report import build_report
 

@@ -11,6 +11,7 @@ from slimformer.cli import main
 from slimformer.search.space import Importance, SearchSpace, count_params, masked
 from slimformer.search.strategies import SearchResult
 from slimformer.search.structural import (SearchConfig, decoder_search, dominance_margin, dominates, encoder_search,
+                                          select_schedule, task_splits,
                                           importance_prune, initial_points, train_stage1)
 
 
@@ -65,6 +66,27 @@ def test_encoder_two_stage_search_runs_and_compares_with_importance_pruning():
     assert [b["target"] for b in found["baseline_at_front"]] == sorted(set(front_sizes))
     for row in found["dev_front"] + found["baseline"]:
         assert 0 <= row["dev"]["accuracy"] <= 1 and row["dev"]["examples"] == 277
+
+
+def test_schedule_selection_picks_the_reference_best_on_held_out_examples():
+    from slimformer.evaluation.glue import classifier_from, evaluate_classifier, finetune_classifier
+
+    encoder, tokenizer = tiny_model("bert"), tiny_tokenizer()
+    config = SearchConfig(space="small", trials=2, epochs=1, lr=5e-5, train_limit=48, search_valid=40,
+                          batch_size=16, max_length=32)
+    grid = [(1, 1e-5), (2, 3e-3)]
+    chosen, rows = select_schedule(encoder, tokenizer, "glue:rte", config, grid, progress=False)
+    assert [(r["epochs"], r["lr"]) for r in rows] == grid
+    best = max(range(len(rows)), key=lambda i: (rows[i]["search_valid_accuracy"], -i))
+    assert (chosen.epochs, chosen.lr) == grid[best] and chosen.space == config.space
+    # each row is a real fine-tune measured on the held-out part: redoing the second one gives its figure
+    info, train, held_out, _ = task_splits("glue:rte", config)
+    model = classifier_from(encoder, info.num_labels, seed=config.seed)
+    finetune_classifier(model, tokenizer, train, epochs=2, lr=3e-3, batch_size=16, max_length=32, progress=False)
+    again = evaluate_classifier(model, tokenizer, held_out, max_length=32)["accuracy"]
+    assert rows[1]["search_valid_accuracy"] == pytest.approx(again)
+    with pytest.raises(SlimformerError, match="empty"):
+        select_schedule(encoder, tokenizer, "glue:rte", config, [], progress=False)
 
 
 def test_importance_pruned_networks_seed_the_search_and_the_baseline_can_follow_the_front():

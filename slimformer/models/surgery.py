@@ -53,6 +53,7 @@ def _pick(module: nn.Module, dim: int, index: torch.Tensor) -> nn.Module:
     ``dim`` is in the (out, in) convention of :func:`weight_matrix`; GPT-2's Conv1D stores the
     transpose. A bias follows the output features and is kept whole when inputs are cut.
     """
+    index = index.to(weight_matrix(module).device)
     w = weight_matrix(module).index_select(dim, index).clone()
     bias = module.bias
     if bias is not None and dim == 0:
@@ -60,7 +61,7 @@ def _pick(module: nn.Module, dim: int, index: torch.Tensor) -> nn.Module:
     if isinstance(module, Conv1D):
         new = Conv1D(w.shape[0], w.shape[1])
         new.weight = nn.Parameter(w.t().contiguous())
-        new.bias = nn.Parameter(bias.data.clone() if bias is not None else torch.zeros(w.shape[0]))
+        new.bias = nn.Parameter(bias.data.clone() if bias is not None else torch.zeros(w.shape[0], device=w.device))
     else:
         new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
         new.weight = nn.Parameter(w.contiguous())

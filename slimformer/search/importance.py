@@ -32,8 +32,9 @@ def mask_gradient_importance(
     """
     model, hd = adapter.model, head_dim(adapter)
     shapes = [block_shape(adapter, b) for b in adapter.blocks]
-    head_masks = [torch.ones(s["heads"], requires_grad=True) for s in shapes]
-    unit_masks = [torch.ones(s["intermediate"], requires_grad=True) for s in shapes]
+    device = next(model.parameters()).device
+    head_masks = [torch.ones(s["heads"], device=device, requires_grad=True) for s in shapes]
+    unit_masks = [torch.ones(s["intermediate"], device=device, requires_grad=True) for s in shapes]
     scores = Importance([torch.zeros(s["heads"]) for s in shapes], [torch.zeros(s["intermediate"]) for s in shapes])
     handles = []
     for block, hm, um in zip(adapter.blocks, head_masks, unit_masks):
@@ -51,9 +52,9 @@ def mask_gradient_importance(
             loss = loss_fn(model, batch)
             grads = torch.autograd.grad(loss, head_masks + unit_masks)
             for i, g in enumerate(grads[: len(head_masks)]):
-                scores.heads[i] += g.abs().float()
+                scores.heads[i] += g.abs().float().cpu()
             for i, g in enumerate(grads[len(head_masks) :]):
-                scores.units[i] += g.abs().float()
+                scores.units[i] += g.abs().float().cpu()
     finally:
         for h in handles:
             h.remove()
@@ -71,9 +72,11 @@ def normalised(importance: Importance) -> Importance:
 
 def lm_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Next-token loss of a causal LM on a batch of token ids (the decoders' importance and search loss)."""
+    ids = ids.to(next(model.parameters()).device)
     return model(input_ids=ids, labels=ids).loss
 
 
 def classifier_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """Cross-entropy of a sequence classifier on a batch carrying ``labels``."""
-    return model(**batch).loss
+    """Cross-entropy of a sequence classifier on a batch carrying ``labels`` (moved to the model's device)."""
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in batch.items()}).loss

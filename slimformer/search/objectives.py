@@ -77,10 +77,11 @@ class Objective:
         if self.latency_input is None:
             raise SlimformerError("the latency objective needs an input batch to time")
         model = extract(self.space.adapter.model, subnet)
+        ids = self.latency_input.to(next(model.parameters()).device)
         times = []
         with torch.no_grad():
             for i in range(self.repeats + 1):
-                seconds = timed(model, lambda: model(input_ids=self.latency_input))[1]
+                seconds = timed(model, lambda: model(input_ids=ids))[1]
                 if i:  # the first run warms up
                     times.append(seconds)
         return statistics.median(times)

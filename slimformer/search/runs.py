@@ -65,10 +65,11 @@ def _open_run(out: Path, request: dict) -> None:
 
 
 def run_search_job(model: str, task: str | None, config: SearchConfig, out: str | Path, *, seed: int = 0,
-                   nsamples: int = 8, seqlen: int = 512, dtype: str = "float32", progress: bool = True) -> dict:
-    """Run (or resume) a search in ``out``; return the summary written to ``search.json``."""
+                   nsamples: int = 8, seqlen: int = 512, dtype: str = "float32", device: str = "cpu",
+                   progress: bool = True) -> dict:
+    """Run (or resume) a search in ``out`` on ``device``; return the summary written to ``search.json``."""
     out = Path(out)
-    loaded = load_model(model, dtype=dtype)
+    loaded = load_model(model, dtype=dtype, device=device)
     kind = loaded.adapter.family.kind
     if kind == "encoder" and not (task or "").startswith("glue:"):
         raise SlimformerError(f"an encoder is searched on a GLUE task: --task glue:rte (or sst2, mrpc), not {task!r}")
@@ -82,7 +83,7 @@ def run_search_job(model: str, task: str | None, config: SearchConfig, out: str 
     _open_run(out, request)
     storage = out / "study.journal"
     if kind == "encoder":
-        stage1 = _stage1(loaded, task, config, out, progress)
+        stage1 = _stage1(loaded, task, config, out, device, progress)
         found = encoder_search(stage1, loaded.tokenizer, task, config, storage=storage, progress=progress)
         result: SearchResult = found["result"]
         points = {"search (dev)": [[p["params"], 1 - p["dev"]["accuracy"]] for p in found["dev_front"]],
@@ -113,12 +114,12 @@ def run_search_job(model: str, task: str | None, config: SearchConfig, out: str 
     return summary
 
 
-def _stage1(loaded, task: str, config: SearchConfig, out: Path, progress: bool) -> Stage1:
+def _stage1(loaded, task: str, config: SearchConfig, out: Path, device: str, progress: bool) -> Stage1:
     """Stage 1 from the run folder when an earlier run finished it, else trained and saved."""
     folder = out / "stage1"
     if (folder / "supernet" / "config.json").exists() and (out / "importance.pt").exists():
-        reference = load_model(str(folder / "reference"), head="sequence-classification").model
-        supernet = load_model(str(folder / "supernet"), head="sequence-classification").model
+        reference = load_model(str(folder / "reference"), head="sequence-classification", device=device).model
+        supernet = load_model(str(folder / "supernet"), head="sequence-classification", device=device).model
         timing = json.loads((folder / "timing.json").read_text())
         return Stage1(reference, supernet, _load_importance(out / "importance.pt"), timing)
     stage1 = train_stage1(loaded.model, loaded.tokenizer, task, config, progress=progress)

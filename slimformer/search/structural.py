@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -180,6 +180,34 @@ def task_splits(task: str, config: SearchConfig) -> tuple[object, list, list, li
     if config.train_limit:  # a seeded sample, not the head of the file (SST-2's file is not shuffled)
         train = random.Random(config.seed).sample(train, min(config.train_limit, len(train)))
     return info, train, search_valid, dev
+
+
+def select_schedule(pretrained, tokenizer, task: str, config: SearchConfig,
+                    grid: list[tuple[float, float]], *, progress: bool = True) -> tuple[SearchConfig, list[dict]]:
+    """Choose the fine-tuning schedule: the (epochs, lr) of ``grid`` whose reference is best on held-out examples.
+
+    Each schedule fine-tunes a fresh reference model on the training part; the one most
+    accurate on the search-validation part (held out from the training set, never the dev
+    set) wins, the earlier in ``grid`` on a tie. Returns ``config`` with that schedule, and
+    one row per schedule with its held-out and dev accuracy (dev only reported, not used).
+    """
+    if not grid:
+        raise SlimformerError("the schedule grid is empty")
+    info, train, search_valid, dev = task_splits(task, config)
+    if not search_valid:
+        raise SlimformerError("choosing a schedule needs held-out examples (search_valid > 0)")
+    rows = []
+    for epochs, lr in grid:
+        model = classifier_from(copy.deepcopy(pretrained), info.num_labels, seed=config.seed)
+        seconds = finetune_classifier(model, tokenizer, train, epochs=epochs, lr=lr, batch_size=config.batch_size,
+                                      max_length=config.max_length, seed=config.seed, progress=progress)["seconds"]
+        held_out = evaluate_classifier(model, tokenizer, search_valid, max_length=config.max_length, task=info)
+        on_dev = evaluate_classifier(model, tokenizer, dev, max_length=config.max_length, task=info)
+        rows.append({"epochs": epochs, "lr": lr, "search_valid_accuracy": held_out["accuracy"],
+                     "dev_accuracy": on_dev["accuracy"], "seconds": seconds})
+        del model
+    best = max(rows, key=lambda r: r["search_valid_accuracy"])  # max keeps the first of equals
+    return replace(config, epochs=best["epochs"], lr=best["lr"]), rows
 
 
 def train_stage1(pretrained, tokenizer, task: str, config: SearchConfig, *, progress: bool = True) -> Stage1:
