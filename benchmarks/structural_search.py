@@ -184,7 +184,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=50, help="trials of each encoder search")
     parser.add_argument("--decoder-trials", type=int, default=80, help="trials of the SmolLM2 one-shot search")
     parser.add_argument("--train-limit", type=int, default=2000, help="training examples (0: the whole training set)")
-    parser.add_argument("--epochs", type=float, default=2, help="fine-tuning epochs (reference and super-network)")
+    parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs (reference and super-network)")
     parser.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate")
     parser.add_argument("--select-schedule", action="store_true",
                         help="choose epochs and lr per task from SCHEDULE_GRID by the reference's held-out accuracy")

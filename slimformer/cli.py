@@ -238,7 +238,7 @@ def _add_search_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nsamples", type=int, default=8, help="decoders: calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="decoders: calibration window length")
-    p.add_argument("--epochs", type=float, default=3, help="encoders: fine-tuning epochs (reference and super-network)")
+    p.add_argument("--epochs", type=int, default=3, help="encoders: fine-tuning epochs (reference and super-network)")
     p.add_argument("--no-supernet", action="store_true", help="encoders: search the standard fine-tuned weights")
     p.add_argument("--supernet-init", default="reference", choices=["reference", "pretrained"],
                    help="encoders: start the super-network from the fine-tuned reference or the pre-trained weights")
@@ -250,6 +250,7 @@ def _add_search_parsers(sub) -> None:
                    help="encoders: how the super-network's random sub-networks are drawn (a size first, or "
                         "each head and unit count uniformly)")
     p.add_argument("--train-limit", type=int, default=None, help="encoders: train on a seeded sample of N training examples")
+    p.add_argument("--max-length", type=int, default=128, help="encoders: tokens per example (longer ones are truncated)")
     p.add_argument("--out", required=True, help="run folder (running again resumes the search)")
     p = sub.add_parser("extract", help=cmd_extract.__doc__)
     p.add_argument("run", help="folder of a finished search")

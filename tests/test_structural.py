@@ -157,12 +157,32 @@ def test_cli_search_resumes_and_extracts(saved_tiny, tmp_path, capsys):
     (["--strategy", "annealing"], "unknown strategy 'annealing'"),
     (["--objectives", "error,beauty"], "unknown objective 'beauty'"),
     (["--backend", "slurm"], "unknown backend 'slurm'"),
+    (["--epochs", "0"], "epochs must be a whole number of at least 1"),
 ])
 def test_cli_search_bad_input(saved_tiny, tmp_path, capsys, flags, message):
     path, text = saved_tiny
     assert main(["search", str(path), "--task", f"text:{text}", "--out", str(tmp_path / "r"), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_cli_encoder_search_end_to_end(tmp_path, capsys):
+    path = save_model(tiny_model("bert"), tiny_tokenizer(), tmp_path / "bert")
+    out = tmp_path / "r"
+    assert main(["search", str(path), "--task", "glue:rte", "--space", "small", "--strategy", "random", "--trials", "3",
+                 "--epochs", "1", "--train-limit", "32", "--max-length", "48", "--out", str(out)]) == 0
+    summary = json.loads((out / "search.json").read_text())
+    assert len(summary["trials"]) == 3 and summary["reference_dev"]["examples"] == 277
+    assert summary["dev_front"] and summary["baseline"]["runs"] and (out / "stage1" / "supernet" / "config.json").exists()
+    assert json.loads((out / "run.json").read_text())["config"]["epochs"] == 1
+    assert main(["search", str(path), "--task", "glue:rte", "--max-length", "128", "--out", str(tmp_path / "r2")]) == 2
+    assert "longer than the model's 64 positions" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+
+
+def test_epochs_are_whole():
+    assert SearchConfig(epochs=2.0).epochs == 2
+    with pytest.raises(SlimformerError, match="whole number"):
+        SearchConfig(epochs=1.5)
 
 
 def test_encoder_needs_a_glue_task_with_data(tmp_path, capsys):

@@ -198,8 +198,9 @@ def finetune_classifier(
     """
     if not train_examples:
         raise SlimformerError("no training examples")
-    if epochs < 1:
-        raise SlimformerError(f"epochs must be at least 1, not {epochs}")
+    if epochs != int(epochs) or epochs < 1:
+        raise SlimformerError(f"epochs must be a whole number of at least 1, not {epochs}")
+    epochs = int(epochs)
     if lr <= 0:
         raise SlimformerError(f"learning rate must be positive, not {lr}")
     if not 0 <= warmup < 1:

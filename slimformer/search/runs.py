@@ -24,7 +24,8 @@ from slimformer.models.adapters import get_adapter
 from slimformer.search.pareto import plot_front
 from slimformer.search.space import Importance, SearchSpace, extract
 from slimformer.search.strategies import SearchResult
-from slimformer.search.structural import SearchConfig, Stage1, decoder_search, encoder_search, train_stage1
+from slimformer.search.structural import (SearchConfig, Stage1, check_max_length, decoder_search, encoder_search,
+                                          train_stage1)
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
@@ -33,7 +34,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
                         trials=args.trials, seed=args.seed, backend=args.backend, population=args.population,
                         epochs=args.epochs, supernet=not args.no_supernet, supernet_init=args.supernet_init,
                         random_subnets=args.random_subnets, distill=args.distill, sampling=args.sampling,
-                        train_limit=args.train_limit)
+                        train_limit=args.train_limit, max_length=args.max_length)
 
 
 def _save_importance(path: Path, importance: Importance) -> None:
@@ -79,7 +80,8 @@ def run_search_job(model: str, task: str | None, config: SearchConfig, out: str 
     if kind == "encoder":
         from slimformer.data.glue import glue_task
 
-        glue_task(task)  # an unknown task fails before the folder is made
+        glue_task(task)  # an unknown task or too long an input fails before the folder is made
+        check_max_length(loaded.model, config)
     _open_run(out, request)
     storage = out / "study.journal"
     if kind == "encoder":

@@ -60,7 +60,7 @@ class SearchConfig:
     population: int | None = None
     importance_batches: int = 8
     # Encoders: fine-tuning of the reference model and of the super-network.
-    epochs: float = 3
+    epochs: int = 3
     supernet: bool = True
     supernet_init: str = "reference"
     random_subnets: int = 2
@@ -91,6 +91,9 @@ class SearchConfig:
         object.__setattr__(self, "objectives", tuple(parse_objectives(list(self.objectives))))
         if self.trials < 1:
             raise SlimformerError(f"trials must be at least 1, not {self.trials}")
+        if self.epochs != int(self.epochs) or self.epochs < 1:
+            raise SlimformerError(f"epochs must be a whole number of at least 1, not {self.epochs}")
+        object.__setattr__(self, "epochs", int(self.epochs))
         if self.distill not in DISTILL:
             raise SlimformerError(f"unknown distillation '{self.distill}'; choose one of {', '.join(DISTILL)}")
         if self.sampling not in SAMPLING:
@@ -182,6 +185,13 @@ def task_splits(task: str, config: SearchConfig) -> tuple[object, list, list, li
     return info, train, search_valid, dev
 
 
+def check_max_length(model, config: SearchConfig) -> None:
+    """Fail clearly when ``config.max_length`` exceeds the encoder's position embeddings."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and config.max_length > positions:
+        raise SlimformerError(f"max_length {config.max_length} is longer than the model's {positions} positions")
+
+
 def select_schedule(pretrained, tokenizer, task: str, config: SearchConfig,
                     grid: list[tuple[float, float]], *, progress: bool = True) -> tuple[SearchConfig, list[dict]]:
     """Choose the fine-tuning schedule: the (epochs, lr) of ``grid`` whose reference is best on held-out examples.
@@ -193,6 +203,7 @@ def select_schedule(pretrained, tokenizer, task: str, config: SearchConfig,
     """
     if not grid:
         raise SlimformerError("the schedule grid is empty")
+    check_max_length(pretrained, config)
     info, train, search_valid, dev = task_splits(task, config)
     if not search_valid:
         raise SlimformerError("choosing a schedule needs held-out examples (search_valid > 0)")
@@ -212,6 +223,7 @@ def select_schedule(pretrained, tokenizer, task: str, config: SearchConfig,
 
 def train_stage1(pretrained, tokenizer, task: str, config: SearchConfig, *, progress: bool = True) -> Stage1:
     """Fine-tune the reference model, rank its units, and train the super-network (steps 2–3 of the module doc)."""
+    check_max_length(pretrained, config)
     info, train, _, _ = task_splits(task, config)
     finetune = dict(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, max_length=config.max_length,
                     seed=config.seed, progress=progress)
