@@ -20,7 +20,14 @@ SmolLM2-135M, one-shot (no training): the ``medium`` space (heads and units per 
 NSGA-II, objectives (calibration perplexity on 8 × 512 WikiText-2 valid windows, relative
 parameters); importance from the same windows.
 
+On a GPU the budget can be lifted: ``--device cuda``, ``--train-limit 0`` (whole training sets),
+``--random-subnets 2``, and ``--select-schedule``, which fine-tunes a reference per (epochs, lr)
+of ``SCHEDULE_GRID`` and keeps the schedule most accurate on the held-out examples (the dev
+figure of each is reported, never used). ``--tag`` names the result files apart.
+
     python benchmarks/structural_search.py [--only rte,mrpc,sst2,smollm2] [--trials 50] [--space medium]
+    python benchmarks/structural_search.py --only rte,mrpc --device cuda --select-schedule --random-subnets 2 \
+        --trials 100 --train-limit 0 --tag gpu
 """
 
 from __future__ import annotations
