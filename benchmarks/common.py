@@ -12,10 +12,13 @@ from slimformer.machine import machine_info
 RESULTS = Path(__file__).parent / "results"
 
 
-def write_result(name: str, payload: dict, rows: list[tuple[str, str]]) -> None:
-    """Write ``results/NAME.json`` (payload + machine) and ``results/NAME.md`` (a two-column table)."""
+def write_result(name: str, payload: dict, rows: list[tuple[str, str]], machine: dict | None = None) -> None:
+    """Write ``results/NAME.json`` (payload + machine) and ``results/NAME.md`` (a two-column table).
+
+    ``machine`` is this one unless given (a result recomputed from one measured elsewhere keeps its own).
+    """
     RESULTS.mkdir(exist_ok=True)
-    payload = {**payload, "machine": machine_info()}
+    payload = {**payload, "machine": machine or machine_info()}
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     machine = payload["machine"]
     lines = [f"# {name}", "", f"Machine: {machine['processor']}, {machine['cpu_count']} cores, "

@@ -125,6 +125,21 @@ def test_dominance_margin_is_the_closest_gap_and_its_sign_is_dominance():
     assert dominance_margin(front, [(0.4, 0.9)]) == -math.inf
 
 
+def test_paired_margin_compares_each_point_with_pruning_to_its_own_size():
+    from slimformer.search.structural import paired_margin
+
+    point = lambda size, acc: {"params": size, "dev": {"accuracy": acc}}  # noqa: E731
+    pruned = lambda size, got, acc: {"target": size, "params": got, "dev": {"accuracy": acc}}  # noqa: E731
+    front = [point(0.5502, 0.70), point(0.6801, 0.80), point(1.0, 0.85)]
+    at_sizes = [pruned(0.55, 0.551, 0.60), pruned(0.68, 0.6797, 0.78)]
+    assert paired_margin(front, at_sizes) == pytest.approx(0.02)  # the full model has no pair
+    # pruning landed just below 0.68, so weak dominance compares it with the 0.55 point instead
+    errors = lambda rows: [(r["params"], 1 - r["dev"]["accuracy"]) for r in rows]  # noqa: E731
+    assert dominance_margin(errors(front), errors(at_sizes)) == pytest.approx(-0.08)
+    assert paired_margin(front, [pruned(0.68, 0.6797, 0.81)]) == pytest.approx(-0.01)
+    assert paired_margin(front, []) == float("inf")
+
+
 def test_cli_search_resumes_and_extracts(saved_tiny, tmp_path, capsys):
     path, text = saved_tiny
     out = tmp_path / "run"

@@ -337,6 +337,22 @@ def dominance_margin(front: list[tuple[float, float]], other: list[tuple[float, 
     return min(margins, default=math.inf)
 
 
+def paired_margin(front: list[dict], at_sizes: list[dict], metric: str = "accuracy") -> float:
+    """The least gain in dev ``metric`` of a searched point over importance pruning to that point's own size.
+
+    ``front`` and ``at_sizes`` are :func:`encoder_search`'s ``dev_front`` and
+    ``baseline_at_front``: each searched point below full size is paired with the pruned network
+    whose ``target`` is its size rounded to 3 decimals. Pairing by size matters because the
+    pruning threshold lands within about 0.001 of its target, sometimes just below it, and then
+    :func:`dominance_margin` would compare it with the front's next smaller point. Non-negative
+    when the search wins at every one of its sizes; ``inf`` when there is no pair.
+    """
+    pruned = {b["target"]: b["dev"][metric] for b in at_sizes}
+    gains = [p["dev"][metric] - pruned[round(p["params"], 3)] for p in front
+             if p["params"] < 0.999 and round(p["params"], 3) in pruned]
+    return min(gains, default=math.inf)
+
+
 def front_summary(points: list[tuple[float, float]], reference: tuple[float, float]) -> dict:
     """The non-dominated points of a 2-objective set and their hypervolume against ``reference``."""
     if not points:
@@ -347,4 +363,5 @@ def front_summary(points: list[tuple[float, float]], reference: tuple[float, flo
 
 
 __all__ = ["SearchConfig", "Stage1", "calibration_perplexity", "decoder_search", "dominance_margin", "dominates",
+           "paired_margin",
            "encoder_search", "front_summary", "importance_prune", "split_train", "task_splits", "train_stage1"]
