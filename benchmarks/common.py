@@ -39,5 +39,5 @@ def run_children(script: str, runs: list, extra: list[str]) -> list[dict]:
             sys.exit(f"run {run} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
         results.append(json.loads(line[len("RESULT "):]))
-        print({k: v for k, v in results[-1].items() if k not in ("rounds", "speed")}, flush=True)
+        print({k: v for k, v in results[-1].items() if k not in ("rounds", "speed", "search_trials", "schedules")}, flush=True)
     return results

@@ -23,7 +23,8 @@ parameters); importance from the same windows.
 On a GPU the budget can be lifted: ``--device cuda``, ``--train-limit 0`` (whole training sets),
 ``--random-subnets 2``, and ``--select-schedule``, which fine-tunes a reference per (epochs, lr)
 of ``SCHEDULE_GRID`` and keeps the schedule most accurate on the held-out examples (the dev
-figure of each is reported, never used). ``--tag`` names the result files apart.
+figure of each is reported, never used). ``--tag`` names the result files apart. ``--replot`` and
+``--retable NAME`` redraw the figures and recompute the comparison of stored results, running nothing.
 
     python benchmarks/structural_search.py [--only rte,mrpc,sst2,smollm2] [--trials 50] [--space medium]
     python benchmarks/structural_search.py --only rte,mrpc --device cuda --select-schedule --random-subnets 2 \
