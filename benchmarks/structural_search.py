@@ -259,7 +259,7 @@ def main() -> None:
     partial = len(runs) < len(RUNS)
     tag = f"_{args.tag}" if args.tag else ""
     for r in results:
-        plot_run(r, ("_partial" if partial else "") + tag)
+        plot_run(r, tag or ("_partial" if partial else ""))  # a tagged run is named by its tag
     name = ("structural_search_" + "_".join(runs) if partial else "structural_search") + tag
     write_result(name, {"runs": results}, table_rows(results))
 
