@@ -63,14 +63,18 @@ def encoder_run(task: str, args: argparse.Namespace) -> dict:
                           population=10, epochs=args.epochs, lr=args.lr, random_subnets=args.random_subnets,
                           train_limit=args.train_limit or None, search_valid=args.search_valid,
                           supernet_init=args.supernet_init, distill=args.distill, sampling=args.sampling)
-    schedules, select_s = [], 0.0
+    schedules, select_s, reference = [], 0.0, None
     if args.select_schedule:
         start = time.perf_counter()
-        config, schedules = select_schedule(loaded.model, loaded.tokenizer, task, config, SCHEDULE_GRID, progress=False)
+        config, schedules, reference = select_schedule(loaded.model, loaded.tokenizer, task, config, SCHEDULE_GRID,
+                                                       progress=False)
         select_s = time.perf_counter() - start
     start = time.perf_counter()
-    stage1 = train_stage1(loaded.model, loaded.tokenizer, task, config, progress=False)
+    stage1 = train_stage1(loaded.model, loaded.tokenizer, task, config, reference=reference, progress=False)
     stage1_s = time.perf_counter() - start
+    if reference is not None:  # fine-tuned during the choice: its time is that schedule's
+        chosen = next(s for s in schedules if (s["epochs"], s["lr"]) == (config.epochs, config.lr))
+        stage1.timing["reference_finetune_s"] = chosen["seconds"]
     start = time.perf_counter()
     found = encoder_search(stage1, loaded.tokenizer, task, config, progress=False)
     search_s = time.perf_counter() - start

@@ -1,6 +1,8 @@
 """Structural search end to end on tiny models: decoder one-shot, encoder two-stage, CLI, resume and extraction."""
 
+import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -75,16 +77,22 @@ def test_schedule_selection_picks_the_reference_best_on_held_out_examples():
     config = SearchConfig(space="small", trials=2, epochs=1, lr=5e-5, train_limit=48, search_valid=40,
                           batch_size=16, max_length=32)
     grid = [(1, 1e-5), (2, 3e-3)]
-    chosen, rows = select_schedule(encoder, tokenizer, "glue:rte", config, grid, progress=False)
+    chosen, rows, reference = select_schedule(encoder, tokenizer, "glue:rte", config, grid, progress=False)
     assert [(r["epochs"], r["lr"]) for r in rows] == grid
     best = max(range(len(rows)), key=lambda i: (rows[i]["search_valid_accuracy"], -i))
     assert (chosen.epochs, chosen.lr) == grid[best] and chosen.space == config.space
     # each row is a real fine-tune measured on the held-out part: redoing the second one gives its figure
     info, train, held_out, _ = task_splits("glue:rte", config)
-    model = classifier_from(encoder, info.num_labels, seed=config.seed)
+    model = classifier_from(copy.deepcopy(encoder), info.num_labels, seed=config.seed)
     finetune_classifier(model, tokenizer, train, epochs=2, lr=3e-3, batch_size=16, max_length=32, progress=False)
     again = evaluate_classifier(model, tokenizer, held_out, max_length=32)["accuracy"]
     assert rows[1]["search_valid_accuracy"] == pytest.approx(again)
+    # the winner is handed to stage 1 as its reference, not fine-tuned again
+    won = evaluate_classifier(reference, tokenizer, held_out, max_length=32)["accuracy"]
+    assert won == pytest.approx(rows[best]["search_valid_accuracy"])
+    stage1 = train_stage1(encoder, tokenizer, "glue:rte", replace(chosen, importance_batches=1), reference=reference,
+                          progress=False)
+    assert stage1.reference is reference and "reference_finetune_s" not in stage1.timing
     with pytest.raises(SlimformerError, match="empty"):
         select_schedule(encoder, tokenizer, "glue:rte", config, [], progress=False)
 

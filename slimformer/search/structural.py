@@ -193,13 +193,15 @@ def check_max_length(model, config: SearchConfig) -> None:
 
 
 def select_schedule(pretrained, tokenizer, task: str, config: SearchConfig,
-                    grid: list[tuple[float, float]], *, progress: bool = True) -> tuple[SearchConfig, list[dict]]:
+                    grid: list[tuple[float, float]], *,
+                    progress: bool = True) -> tuple[SearchConfig, list[dict], torch.nn.Module]:
     """Choose the fine-tuning schedule: the (epochs, lr) of ``grid`` whose reference is best on held-out examples.
 
     Each schedule fine-tunes a fresh reference model on the training part; the one most
     accurate on the search-validation part (held out from the training set, never the dev
-    set) wins, the earlier in ``grid`` on a tie. Returns ``config`` with that schedule, and
-    one row per schedule with its held-out and dev accuracy (dev only reported, not used).
+    set) wins, the earlier in ``grid`` on a tie. Returns ``config`` with that schedule, one
+    row per schedule with its held-out and dev accuracy (dev only reported, not used), and the
+    winning fine-tuned model, which :func:`train_stage1` takes as its reference.
     """
     if not grid:
         raise SlimformerError("the schedule grid is empty")
@@ -207,7 +209,7 @@ def select_schedule(pretrained, tokenizer, task: str, config: SearchConfig,
     info, train, search_valid, dev = task_splits(task, config)
     if not search_valid:
         raise SlimformerError("choosing a schedule needs held-out examples (search_valid > 0)")
-    rows = []
+    rows, best, best_model = [], None, None
     for epochs, lr in grid:
         model = classifier_from(copy.deepcopy(pretrained), info.num_labels, seed=config.seed)
         seconds = finetune_classifier(model, tokenizer, train, epochs=epochs, lr=lr, batch_size=config.batch_size,
@@ -216,19 +218,27 @@ def select_schedule(pretrained, tokenizer, task: str, config: SearchConfig,
         on_dev = evaluate_classifier(model, tokenizer, dev, max_length=config.max_length, task=info)
         rows.append({"epochs": epochs, "lr": lr, "search_valid_accuracy": held_out["accuracy"],
                      "dev_accuracy": on_dev["accuracy"], "seconds": seconds})
-        del model
-    best = max(rows, key=lambda r: r["search_valid_accuracy"])  # max keeps the first of equals
-    return replace(config, epochs=best["epochs"], lr=best["lr"]), rows
+        if best is None or rows[-1]["search_valid_accuracy"] > best["search_valid_accuracy"]:
+            best, best_model = rows[-1], model  # strictly better: the first of equals stays
+    return replace(config, epochs=best["epochs"], lr=best["lr"]), rows, best_model
 
 
-def train_stage1(pretrained, tokenizer, task: str, config: SearchConfig, *, progress: bool = True) -> Stage1:
-    """Fine-tune the reference model, rank its units, and train the super-network (steps 2–3 of the module doc)."""
+def train_stage1(pretrained, tokenizer, task: str, config: SearchConfig, *, reference: torch.nn.Module | None = None,
+                 progress: bool = True) -> Stage1:
+    """Fine-tune the reference model, rank its units, and train the super-network (steps 2–3 of the module doc).
+
+    ``reference``: a classifier already fine-tuned on this task's training part with
+    ``config``'s schedule (e.g. :func:`select_schedule`'s winner), used as is; ``timing``
+    then has no ``reference_finetune_s``.
+    """
     check_max_length(pretrained, config)
     info, train, _, _ = task_splits(task, config)
     finetune = dict(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, max_length=config.max_length,
                     seed=config.seed, progress=progress)
-    reference = classifier_from(copy.deepcopy(pretrained), info.num_labels, seed=config.seed)
-    timing = {"reference_finetune_s": finetune_classifier(reference, tokenizer, train, **finetune)["seconds"]}
+    timing = {}
+    if reference is None:
+        reference = classifier_from(copy.deepcopy(pretrained), info.num_labels, seed=config.seed)
+        timing["reference_finetune_s"] = finetune_classifier(reference, tokenizer, train, **finetune)["seconds"]
     rank_batches = list(batches(tokenizer, train, config.batch_size, config.max_length, shuffle=True,
                                 seed=config.seed))[: config.importance_batches]
     importance = mask_gradient_importance(get_adapter(reference), rank_batches, classifier_loss, progress=progress)
