@@ -94,6 +94,11 @@ def encoder_run(task: str, args: argparse.Namespace) -> dict:
     return {**run, **comparison(run)}
 
 
+def errors(rows: list[dict]) -> list[tuple[float, float]]:
+    """(relative parameters, 1 − dev accuracy) of measured sub-networks: the points the fronts compare."""
+    return [(x["params"], 1 - x["dev"]["accuracy"]) for x in rows]
+
+
 def comparison(r: dict) -> dict:
     """Hypervolumes, dominance and closest gaps of a run's searched front against importance pruning.
 
@@ -103,7 +108,6 @@ def comparison(r: dict) -> dict:
     from slimformer.search.pareto import hypervolume
     from slimformer.search.structural import dominance_margin, paired_margin
 
-    errors = lambda rows: [(x["params"], 1 - x["dev"]["accuracy"]) for x in rows]  # noqa: E731
     searched, baseline = errors(r["dev_front"]), errors(r["baseline"])
     margin, paired = dominance_margin(searched, baseline), paired_margin(r["dev_front"], r["baseline_at_front"])
     n = r["dev_examples"]
@@ -153,11 +157,9 @@ def plot_run(r: dict, suffix: str = "") -> None:
                    labels=("relative parameters", "calibration perplexity"),
                    title="SmolLM2-135M, one-shot: perplexity vs parameters")
         return
-    fronts = {"two-stage search (dev)": [(p["params"], 1 - p["dev"]["accuracy"]) for p in r["dev_front"]],
-              "importance pruning, 60–95% (dev)": [(b["params"], 1 - b["dev"]["accuracy"]) for b in r["baseline"]]}
+    fronts = {"two-stage search (dev)": errors(r["dev_front"]), "importance pruning, 60–95% (dev)": errors(r["baseline"])}
     if r.get("baseline_at_front"):
-        fronts["importance pruning at the front's sizes (dev)"] = [(b["params"], 1 - b["dev"]["accuracy"])
-                                                                  for b in r["baseline_at_front"]]
+        fronts["importance pruning at the front's sizes (dev)"] = errors(r["baseline_at_front"])
     plot_front(fronts,
                RESULTS / f"structural_minilm_{r['task']}{suffix}.png", labels=("relative parameters", "1 − accuracy (dev)"),
                reference=HV_REFERENCE, title=f"MiniLM-L6 on {r['task'].upper()}: searched front vs importance pruning")
