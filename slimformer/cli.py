@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from slimformer.data import SOURCES_HELP, load_text, tokenize
+from slimformer.data import SOURCES_HELP, TASKS_HELP, load_text, tokenize
 from slimformer.errors import SlimformerError
 from slimformer.evaluation import perplexity
 from slimformer.calibration import PROPAGATE
@@ -26,6 +26,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code to run")
+
+
+def _add_bos_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bos", default="auto", choices=["auto", "every", "once"],
+                   help="which windows start with the tokenizer's BOS: every one, or once in front of the whole "
+                        "text as the papers slice it (auto: once for Llama and OPT, every for the other families)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -48,9 +54,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = {}
     for source, text in texts.items():
         ids = tokenize(loaded.tokenizer, text)
-        results[source] = perplexity(
-            loaded.model, ids, seqlen=args.seqlen, windows=args.windows, batch_size=args.batch_size
-        ).to_dict()
+        results[source] = perplexity(loaded.model, ids, seqlen=args.seqlen, windows=args.windows,
+                                     batch_size=args.batch_size, bos=loaded.window_bos(args.bos)).to_dict()
     console = Console()
     if results:
         table = Table(title=f"slimformer eval — {args.model}")
@@ -65,11 +70,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from slimformer.evaluation import evaluate_task
 
         zero_shot = {t: evaluate_task(loaded.model, loaded.tokenizer, t, limit=args.limit) for t in tasks}
-        table = Table(title="zero-shot multiple choice")
-        for col in ("task", "acc", "acc_norm", "examples", "examples/s"):
-            table.add_column(col, justify="left" if col == "task" else "right")
+        table = Table(title="zero-shot tasks")
+        for col in ("task", "layout", "acc", "acc_norm", "perplexity", "examples", "examples/s"):
+            table.add_column(col, justify="left" if col in ("task", "layout") else "right")
         for t, r in zero_shot.items():
-            table.add_row(t, f"{r['acc']:.4f}", f"{r['acc_norm']:.4f}", str(r["examples"]), f"{r['examples_per_s']:.1f}")
+            optional = [f"{r[k]:.4f}" if k in r else "" for k in ("acc_norm", "perplexity")]
+            table.add_row(t, r["layout"], f"{r['acc']:.4f}", *optional, str(r["examples"]), f"{r['examples_per_s']:.1f}")
         console.print(table)
     lm_eval = None
     if harness:
@@ -133,7 +139,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     job = CompressJob(model=args.model, config=_method_config(args), finetune=finetune,
                       calibration=Calibration(args.calib, args.nsamples, args.seqlen, args.seed),
                       ppl_windows=args.ppl_windows, out=args.out, sparse_out=args.sparse_out,
-                      overwrite=args.overwrite, dtype=args.dtype, device=args.device)
+                      overwrite=args.overwrite, dtype=args.dtype, device=args.device, bos=args.bos)
     report = run_compress(job)
     console = Console()
     console.print(_sparsity_table(report["result"]["layers"]))
@@ -166,7 +172,7 @@ def cmd_remove_blocks(args: argparse.Namespace) -> int:
     job = CompressJob(model=args.model, config=config,
                       calibration=Calibration(args.calib, args.nsamples, args.seqlen, args.seed),
                       ppl_windows=args.ppl_windows, out=args.out, overwrite=args.overwrite,
-                      dtype=args.dtype, device=args.device)
+                      dtype=args.dtype, device=args.device, bos=args.bos)
     report = run_compress(job)
     summary = report["result"]["summary"]
     console = Console()
@@ -185,6 +191,7 @@ def _add_remove_blocks_parser(sub) -> None:
     count = p.add_mutually_exclusive_group(required=True)
     count.add_argument("--blocks", type=int, help="number of blocks to remove")
     count.add_argument("--ratio", type=float, help="fraction of the blocks to remove, in (0, 1)")
+    _add_bos_arg(p)
     p.add_argument("--protect", type=int, nargs="*", default=[0, -1], help="blocks never removed (default: first, last)")
     p.add_argument("--calib", default="wikitext2:valid", help=f"calibration source: {SOURCES_HELP}")
     p.add_argument("--nsamples", type=int, default=1, help="SLEB's search cost grows with the sample count")
@@ -334,11 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=None, help="only the first N windows (default: all)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
-    p.add_argument("--tasks", default=None, help="zero-shot tasks: piqa, arc_easy, boolq or FILE.jsonl, comma-separated")
+    p.add_argument("--tasks", default=None, help=f"zero-shot tasks, comma-separated: {TASKS_HELP}")
     p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
     p.add_argument("--lm-eval", default=None, help="lm-evaluation-harness task names, comma-separated")
     p.add_argument("--lm-eval-include", default=None, help="folder of extra lm-eval task YAMLs (local data)")
     p.add_argument("--out", default="eval.json", help="where to write the JSON results")
+    _add_bos_arg(p)
     _add_prune_parser(sub)
     _add_remove_blocks_parser(sub)
     _add_search_parsers(sub)
@@ -351,6 +359,7 @@ def _add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help=cmd_prune.__doc__)
     _add_model_args(p)
     p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
+    _add_bos_arg(p)
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights to zero, in [0, 1)")
     p.add_argument("--pattern", default=None, help="N:M pattern such as 2:4 (sets the sparsity)")
     p.add_argument("--targets", nargs="*", default=[], help="module names, suffixes or re:REGEX (default: block projections)")

@@ -1,9 +1,12 @@
-"""A description of the machine a figure was measured on, stored next to every result."""
+"""The machine a figure was measured on (stored next to every result), and the process's peak memory."""
 
 from __future__ import annotations
 
 import os
 import platform
+import resource
+import sys
+from pathlib import Path
 
 import torch
 import transformers
@@ -21,3 +24,32 @@ def machine_info() -> dict:
         "transformers": transformers.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory window, so :func:`peak_rss_gib` charges only what runs from now on.
+
+    Linux resets the high-water mark when "5" is written to ``/proc/self/clear_refs``;
+    elsewhere the peak stays the process's lifetime peak. Returns whether it was reset.
+    """
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory in GiB since the last :func:`reset_peak_rss` (else since the process started)."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)  # macOS reports bytes, Linux KiB

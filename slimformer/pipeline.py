@@ -42,6 +42,7 @@ class CompressJob:
     overwrite: bool = False
     dtype: str = "float32"
     device: str = "cpu"
+    bos: str = "auto"  # which windows start with the tokenizer's BOS (slimformer.models.BOS_MODES)
 
 
 def folder_size(path: str | Path) -> int:
@@ -55,10 +56,10 @@ def _check_outputs(job: CompressJob) -> None:
             raise SlimformerError(f"output '{out}' exists; choose another path or pass --overwrite")
 
 
-def _ppl(loaded, ids: torch.Tensor | None, windows: int) -> float | None:
+def _ppl(loaded, ids: torch.Tensor | None, windows: int, bos: int | None) -> float | None:
     if ids is None:
         return None
-    return perplexity(loaded.model, ids, seqlen=2048, windows=windows).perplexity
+    return perplexity(loaded.model, ids, seqlen=2048, windows=windows, bos=bos).perplexity
 
 
 def run_compress(job: CompressJob) -> dict:
@@ -68,24 +69,25 @@ def run_compress(job: CompressJob) -> dict:
     text = load_text(calib.source)  # a missing or empty source fails before the model loads
     loaded = load_model(job.model, dtype=job.dtype, device="cpu")
     needs_samples = getattr(job.config, "needs_samples", True) or job.finetune is not None
-    samples = sample(loaded.tokenizer, text, calib) if needs_samples else None
+    bos = loaded.window_bos(job.bos)
+    samples = sample(loaded.tokenizer, text, calib, bos) if needs_samples else None
     test_ids = tokenize(loaded.tokenizer, load_text("wikitext2:test")) if job.ppl_windows else None  # once
     report = {"model": job.model, "calibration": asdict(calib), "ppl_windows": job.ppl_windows}
-    report["ppl_before"] = _ppl(loaded, test_ids, job.ppl_windows)
+    report["ppl_before"] = _ppl(loaded, test_ids, job.ppl_windows, bos)
     result = apply(loaded.adapter, job.config, samples)
     report["result"] = asdict(result)
-    report["ppl_after"] = _ppl(loaded, test_ids, job.ppl_windows)
+    report["ppl_after"] = _ppl(loaded, test_ids, job.ppl_windows, bos)
     if job.finetune:
         report["finetune"] = asdict(apply(loaded.adapter, job.finetune, samples))
-        report["ppl_after_finetune"] = _ppl(loaded, test_ids, job.ppl_windows)
+        report["ppl_after_finetune"] = _ppl(loaded, test_ids, job.ppl_windows, bos)
     report["machine"] = machine_info()
     _save(loaded, job, report)
     return report
 
 
-def sample(tokenizer, text: str, calib: Calibration) -> torch.Tensor:
+def sample(tokenizer, text: str, calib: Calibration, bos: int | None = None) -> torch.Tensor:
     """Calibration windows from an already loaded text."""
-    return sample_windows(tokenize(tokenizer, text), calib.n, calib.seqlen, calib.seed)
+    return sample_windows(tokenize(tokenizer, text), calib.n, calib.seqlen, calib.seed, bos=bos)
 
 
 def _save(loaded, job: CompressJob, report: dict) -> None:

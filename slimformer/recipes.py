@@ -4,6 +4,7 @@ A recipe names the model, the calibration data, the seed, what to measure, and t
 
     model: smollm2-135m
     seed: 0
+    bos: auto          # which windows start with the tokenizer's BOS: auto, every, once
     calibration: {source: "wikitext2:valid", nsamples: 8, seqlen: 512}
     measure: {ppl_windows: 8, speed: true}
     steps:
@@ -49,7 +50,7 @@ from slimformer.evaluation import evaluate_task, measure_costs, perplexity, size
 from slimformer.machine import machine_info
 from slimformer.methods import METHODS, apply, config_dict
 from slimformer.methods.base import MethodResult
-from slimformer.models import DEFAULT_MODEL, LoadedModel, load_model, save_model
+from slimformer.models import BOS_MODES, DEFAULT_MODEL, LoadedModel, load_model, save_model
 from slimformer.models.loading import atomic_dir
 from slimformer.report import build_report
 
@@ -109,12 +110,13 @@ class Recipe:
     steps: tuple = ()
     model: str = DEFAULT_MODEL
     seed: int = 0
+    bos: str = "auto"
     calibration: Calibration = field(default_factory=Calibration)
     measure: Measure = field(default_factory=Measure)
 
     def to_dict(self) -> dict:
         """Plain data, as the YAML file holds it (every field of every step)."""
-        return {"model": self.model, "seed": self.seed, "calibration": dataclasses.asdict(self.calibration),
+        return {"model": self.model, "seed": self.seed, "bos": self.bos, "calibration": dataclasses.asdict(self.calibration),
                 "measure": dataclasses.asdict(self.measure),
                 "steps": [json.loads(json.dumps(config_dict(s))) for s in self.steps]}
 
@@ -178,7 +180,7 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
                               f"({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise SlimformerError(f"{where}:1: a recipe is a mapping with model, calibration, measure and steps")
-    top = ("model", "seed", "calibration", "measure", "steps")
+    top = ("model", "seed", "bos", "calibration", "measure", "steps")
     for key in data:
         if key not in top:
             line = next(k.start_mark.line + 1 for k, _ in root.value if k.value == key)
@@ -196,8 +198,12 @@ def parse_recipe(text: str, where: str = "<recipe>") -> Recipe:
         steps.append(_build(STEPS[step["method"]], step, node, where, skip=("method",)))
     calibration = _build(Calibration, data.get("calibration") or {}, _child(root, "calibration"), where)
     measure = _build(Measure, data.get("measure") or {}, _child(root, "measure"), where)
+    bos = str(data.get("bos", "auto"))
+    if bos not in BOS_MODES:
+        line = next(k.start_mark.line + 1 for k, _ in root.value if k.value == "bos")
+        raise SlimformerError(f"{where}:{line}: bos must be one of {', '.join(BOS_MODES)}, not '{bos}'")
     return Recipe(steps=tuple(steps), model=str(data.get("model", DEFAULT_MODEL)), seed=int(data.get("seed", 0)),
-                  calibration=calibration, measure=measure)
+                  bos=bos, calibration=calibration, measure=measure)
 
 
 def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
@@ -222,13 +228,14 @@ class _Context:
         self.recipe, self.loaded, self.progress = recipe, loaded, progress
         self._samples = None
         self._test_ids = None
+        self.bos = loaded.window_bos(recipe.bos)
 
     @property
     def samples(self) -> torch.Tensor:
         if self._samples is None:  # drawn once, seeded: a resumed run draws the same ones
             c = self.recipe.calibration
             ids = tokenize(self.loaded.tokenizer, load_text(c.source))
-            self._samples = sample_windows(ids, c.nsamples, c.seqlen, self.recipe.seed)
+            self._samples = sample_windows(ids, c.nsamples, c.seqlen, self.recipe.seed, bos=self.bos)
         return self._samples
 
     def test_ids(self) -> torch.Tensor:
@@ -241,7 +248,8 @@ class _Context:
         m, model = self.recipe.measure, self.loaded.model
         out: dict[str, Any] = {}
         if m.ppl_windows:
-            out["ppl"] = perplexity(model, self.test_ids(), windows=m.ppl_windows, progress=False).perplexity
+            out["ppl"] = perplexity(model, self.test_ids(), windows=m.ppl_windows, bos=self.bos,
+                                    progress=False).perplexity
         ids = self.test_ids()[:, : m.prefill_tokens]
         costs = measure_costs({"model": model}, ids, repeats=m.repeats, new_tokens=m.new_tokens,
                               decode=m.speed)["models"]["model"]
@@ -269,7 +277,7 @@ def _run_step(ctx: _Context, index: int, step) -> dict:
         start, out = time.perf_counter(), {"method": "eval", "config": config_dict(step)}
         if step.ppl:
             ids = tokenize(ctx.loaded.tokenizer, load_text(step.ppl))
-            out["perplexity"] = {step.ppl: perplexity(ctx.loaded.model, ids, windows=step.windows,
+            out["perplexity"] = {step.ppl: perplexity(ctx.loaded.model, ids, windows=step.windows, bos=ctx.bos,
                                                       progress=ctx.progress).to_dict()}
         out["tasks"] = {t: evaluate_task(ctx.loaded.model, ctx.loaded.tokenizer, t, limit=step.limit,
                                          batch_size=step.batch_size, progress=ctx.progress) for t in step.tasks}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
@@ -55,11 +55,21 @@ def tiny_model(family: str, seed: int = 0):
     return cls.from_config(config).eval()
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the tiny vocabulary: words ``w0 .. w127``, ``w0`` also unknown."""
-    vocab = {f"w{i}": i for i in range(VOCAB)}
+BOS = VOCAB - 1  # the id of "<s>" in a tokenizer made with bos=True
+
+
+def tiny_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the tiny vocabulary: words ``w0 .. w127``, ``w0`` also unknown.
+
+    With ``bos``, ``w127`` is replaced by ``<s>``, which the tokenizer puts in front of every text,
+    as Llama's and Gemma's tokenizers do (``add_bos_token``).
+    """
+    vocab = {f"w{i}": i for i in range(VOCAB - bos)} | ({"<s>": BOS} if bos else {})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0", bos_token="<s>")
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", pad_token="w0")
 
 
@@ -87,3 +97,27 @@ def family(request) -> str:
 @pytest.fixture(params=DECODERS)
 def decoder_family(request) -> str:
     return request.param
+
+
+# -- tolerances --------------------------------------------------------------------------------
+# One quantity computed two ways (another kernel, thread count, batch shape or summation order)
+# differs by float32 rounding: each operation rounds by eps = 1.2e-7 relative, a sum of K terms by
+# up to K·eps of the sum of |terms| (typically √K·eps), and a model compounds that over its blocks.
+# The tiny models reduce over ≤ 48 terms in ≤ 4 blocks: 1e-4 of the largest magnitude is ~50× the
+# worst such rounding, and far below what a wrong computation (a shifted token, a missed mask) moves.
+# A 30-block model with 576-wide sums gets 1e-3.
+TINY_REL = 1e-4
+DEEP_REL = 1e-3
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rel: float = TINY_REL) -> None:
+    """``actual ≈ expected`` elementwise, with the absolute tolerance scaled to the largest ``|expected|``."""
+    scale = max(expected.detach().abs().max().item(), 1e-30)
+    torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale)
+
+
+def assert_ppl_close(actual: float, expected: float, nll_atol: float = TINY_REL) -> None:
+    """Perplexities equal up to ``nll_atol`` nats of their mean NLL (the float32 sum's rounding, not the ratio's)."""
+    import math
+
+    assert abs(math.log(actual) - math.log(expected)) <= nll_atol, f"perplexity {actual} != {expected} (±{nll_atol} nats)"

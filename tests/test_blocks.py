@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import DECODERS, TINY_CONFIGS, random_ids, tiny_model, tiny_tokenizer
+from conftest import DECODERS, TINY_CONFIGS, TINY_REL, random_ids, tiny_model, tiny_tokenizer
 from slimformer import SlimformerError, get_adapter, save_model
 from slimformer.cli import main
 from slimformer.methods import apply
@@ -72,8 +72,8 @@ def test_round_scores_are_the_losses_of_the_smaller_models():
     for c, loss in result.summary["rounds"][0].items():
         trial = copy.deepcopy(dense)
         remove_blocks(get_adapter(trial), [int(c)])
-        assert loss == pytest.approx(loss_of(trial, samples), rel=1e-4)
-    assert result.summary["dense_loss"] == pytest.approx(loss_of(dense, samples), rel=1e-4)
+        assert loss == pytest.approx(loss_of(trial, samples), rel=TINY_REL)
+    assert result.summary["dense_loss"] == pytest.approx(loss_of(dense, samples), rel=TINY_REL)
 
 
 def deep_model(blocks=8):
@@ -119,7 +119,7 @@ def test_block_influence_is_one_minus_cosine(family):
     expected = {i: 1 - F.cosine_similarity(a, b, dim=-1).mean().item() for i, (a, b) in enumerate(captured)}
     result = apply(adapter, SLEBConfig(blocks=1, criterion="influence", protect=()), samples)
     scores = {int(k): v for k, v in result.summary["rounds"][0].items()}
-    assert scores == pytest.approx(expected, rel=1e-4)
+    assert scores == pytest.approx(expected, rel=TINY_REL, abs=TINY_REL)  # 1 − cos is near 0 for some blocks
     assert result.summary["removed"] == [min(expected, key=expected.get)]
     assert len(adapter.blocks) == adapter.num_layers == 2
 

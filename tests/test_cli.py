@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from conftest import assert_ppl_close
 from slimformer.cli import main
 from slimformer.data import load_text, tokenize
 from slimformer.evaluation import perplexity
@@ -23,7 +24,7 @@ def test_eval_prints_a_table_and_writes_json(saved_tiny, tmp_path, capsys):
 
     loaded = load_model(str(path))
     expected = perplexity(loaded.model, tokenize(loaded.tokenizer, load_text(str(text))), seqlen=32, progress=False)
-    assert result["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)
+    assert_ppl_close(result["perplexity"], expected.perplexity)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +66,7 @@ def test_eval_zero_shot_and_lm_eval_on_a_local_task(saved_tiny, tmp_path, capsys
     result = json.loads(out.read_text())
     ours, harness = result["tasks"][str(task)], result["lm_eval"]["results"]["words"]
     assert ours["examples"] == 12 and ours["acc"] == pytest.approx(harness["acc"])
-    assert "zero-shot multiple choice" in capsys.readouterr().out
+    assert "zero-shot tasks" in capsys.readouterr().out
 
 
 def test_eval_bad_task_file_names_file_and_line(saved_tiny, tmp_path, capsys):

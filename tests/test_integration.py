@@ -1,10 +1,12 @@
 """The bundled real models: SmolLM2-135M (GGUF, Llama) and MiniLM-L6 (BERT), on a few short windows."""
 
 import json
+import math
 
 import pytest
 import torch
 
+from conftest import DEEP_REL, assert_close_scaled, assert_ppl_close
 from slimformer import load_model
 from slimformer.calibration import BlockRunner
 from slimformer.data import load_text, sample_windows, tokenize
@@ -41,7 +43,8 @@ def test_smollm_perplexity_on_short_windows(smollm):
     with torch.no_grad():
         nll = [torch.nn.functional.cross_entropy(smollm.model(input_ids=ids[:, w * 256 : (w + 1) * 256]).logits[0, :-1],
                                                  ids[0, w * 256 + 1 : (w + 1) * 256]).item() for w in range(3)]
-    assert result.perplexity == pytest.approx(torch.tensor(nll).mean().exp().item(), rel=1e-5)
+    # NLL as a float64 mean of float32 window losses: only the 30 blocks' rounding differs between the two ways
+    assert_ppl_close(result.perplexity, math.exp(sum(nll) / len(nll)), nll_atol=DEEP_REL)
     assert 5 < result.perplexity < 60  # a trained model, not a random one (vocabulary 49,152)
 
 
@@ -51,7 +54,7 @@ def test_smollm_blocks_replay_the_forward(smollm):
     hidden = torch.cat(BlockRunner(adapter, samples, progress=False).run())
     with torch.no_grad():
         expected = smollm.model(input_ids=samples).logits
-        torch.testing.assert_close(adapter.head(adapter.final_norm(hidden)), expected, rtol=1e-4, atol=1e-4)
+        assert_close_scaled(adapter.head(adapter.final_norm(hidden)), expected, rel=DEEP_REL)
 
 
 def test_minilm_loads_as_a_bert_encoder():
@@ -61,4 +64,4 @@ def test_minilm_loads_as_a_bert_encoder():
     with torch.no_grad():
         expected = loaded.model(input_ids=ids).last_hidden_state
     hidden = torch.cat(BlockRunner(loaded.adapter, ids, progress=False).run())
-    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+    assert_close_scaled(hidden, expected)

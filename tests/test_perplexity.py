@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_ids, tiny_model
+from conftest import TINY_REL, assert_ppl_close, random_ids, tiny_model
 from slimformer import SlimformerError
 from slimformer.evaluation import perplexity
-from slimformer.evaluation.perplexity import window_nll
+from slimformer.evaluation.perplexity import cut_windows, window_nll
 
 
 def reference_ppl(model, ids, seqlen, windows):
@@ -28,19 +28,37 @@ def test_perplexity_matches_reference(family):
     ids = random_ids(1, 16 * 5 + 7)  # 5 windows and a dropped tail
     result = perplexity(model, ids, seqlen=16, progress=False)
     assert result.windows == 5 and result.predicted_tokens == 5 * 15
-    assert result.perplexity == pytest.approx(reference_ppl(model, ids, 16, 5), rel=1e-5)
+    assert_ppl_close(result.perplexity, reference_ppl(model, ids, 16, 5))
     batched = perplexity(model, ids, seqlen=16, batch_size=2, progress=False)
-    assert batched.perplexity == pytest.approx(result.perplexity, rel=1e-5)
+    assert_ppl_close(batched.perplexity, result.perplexity)
     first2 = perplexity(model, ids, seqlen=16, windows=2, progress=False)
     assert first2.windows == 2
-    assert first2.perplexity == pytest.approx(reference_ppl(model, ids, 16, 2), rel=1e-5)
-    assert math.exp(sum(result.window_nll[:2]) / 2) == pytest.approx(first2.perplexity, rel=1e-6)
+    assert_ppl_close(first2.perplexity, reference_ppl(model, ids, 16, 2))
+    assert_ppl_close(math.exp(sum(result.window_nll[:2]) / 2), first2.perplexity)
 
 
-def test_window_nll_equals_cross_entropy():
-    logits = torch.randn(300, 50)
-    ids = torch.randint(0, 50, (300,))
-    assert window_nll(logits, ids, chunk=64) == pytest.approx(F.cross_entropy(logits[:-1], ids[1:]).item(), rel=1e-5)
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2 soft-caps its logits
+def test_window_nll_equals_cross_entropy_of_the_logits(family):
+    model, ids = tiny_model(family), random_ids(3, 40)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        got = window_nll(model, ids)
+    expected = [F.cross_entropy(row[:-1], target[1:]).item() for row, target in zip(logits, ids)]
+    assert got == pytest.approx(expected, rel=TINY_REL)
+
+
+def test_windows_start_with_the_bos_when_asked():
+    ids = torch.tensor([[7] + list(range(10, 30))])  # a text that starts with its BOS 7
+    plain = cut_windows(ids, 5)
+    assert plain.tolist() == [[7, 10, 11, 12, 13], [14, 15, 16, 17, 18], [19, 20, 21, 22, 23], [24, 25, 26, 27, 28]]
+    every = cut_windows(ids, 5, bos=7)  # 20 text tokens, 4 per window: each predicted exactly once
+    assert every.tolist() == [[7, 10, 11, 12, 13], [7, 14, 15, 16, 17], [7, 18, 19, 20, 21], [7, 22, 23, 24, 25],
+                              [7, 26, 27, 28, 29]]
+    assert cut_windows(ids, 5, 2, bos=7).shape == (2, 5)
+    model = tiny_model("llama")
+    result = perplexity(model, ids, seqlen=5, bos=7, progress=False)
+    assert result.windows == 5 and result.predicted_tokens == 20
+    assert_ppl_close(result.perplexity, math.exp(sum(window_nll(model, every)) / 5))
 
 
 def test_bad_window_settings():

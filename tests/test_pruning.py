@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import random_ids, tiny_model, tiny_tokenizer
+from conftest import assert_close_scaled, random_ids, tiny_model, tiny_tokenizer
 from slimformer import SlimformerError, get_adapter, load_model, save_model
 from slimformer.cli import main
 from slimformer.methods import FinetuneConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig, apply, select_linears
@@ -110,7 +110,7 @@ def test_sparsegpt_uses_the_calibration_hessian(propagate):
     X = block0_inputs(get_adapter(reference), samples, q)
     expected, _ = pm.sparsegpt_prune(q.weight.data, 2 * X.T @ X / 4, 0.5, blocksize=16)
     model, adapter, _ = pruned("llama", SparseGPTConfig(0.5, blocksize=16, propagate=propagate))
-    torch.testing.assert_close(adapter.linears(adapter.blocks[0])["q"].weight.data, expected, rtol=1e-4, atol=1e-5)
+    assert_close_scaled(adapter.linears(adapter.blocks[0])["q"].weight.data, expected, rel=1e-3)  # OBS updates amplify H's rounding
 
 
 @pytest.mark.parametrize("propagate", ["sequential", "compressed"])
@@ -136,7 +136,7 @@ def test_upper_gram_accumulates_the_gram_matrix(width):
     H = torch.zeros(width, width)
     add_upper_gram(H, x)
     add_upper_gram(H, y)
-    torch.testing.assert_close(H.triu() + H.triu(1).T, x.T @ x + y.T @ y, rtol=1e-4, atol=1e-3)
+    assert_close_scaled(H.triu() + H.triu(1).T, x.T @ x + y.T @ y)
 
 
 def test_wanda_uses_input_norms():

@@ -10,22 +10,41 @@ from slimformer.data.sources import load_text, tokenize
 from slimformer.errors import SlimformerError
 
 
-def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+def strip_bos(ids: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``ids`` (shape ``(1, L)``) without the one leading ``bos`` a tokenizer put in front of the whole text."""
+    return ids[:, 1:] if bos is not None and ids.shape[-1] and ids[0, 0].item() == bos else ids
+
+
+def with_bos(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``(n, k)`` windows with a ``bos`` column in front (``(n, k + 1)``); unchanged when ``bos`` is None."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int = 0, *, bos: int | None = None) -> torch.Tensor:
     """``n`` windows of ``seqlen`` tokens at random offsets of ``ids`` (shape ``(1, L)``); ``(n, seqlen)``.
 
     Offsets come from ``random.Random(seed).randint(0, L - seqlen - 1)``, the same sequence
-    as Wanda's ``random.seed(seed); random.randint(...)``.
+    as Wanda's ``random.seed(seed); random.randint(...)``. With ``bos`` (the token the model's
+    tokenizer starts every text with), every window is ``bos`` then ``seqlen − 1`` tokens of the
+    text (drawn the same way from the text without its leading ``bos``), so each sample starts
+    as the model sees its inputs in use; without, windows are cut from ``ids`` as they are (the
+    papers' protocol: only a window at offset 0 starts with the text's one BOS).
     """
     if n < 1:
         raise SlimformerError(f"the number of calibration samples must be at least 1, not {n}")
+    ids = strip_bos(ids, bos)
+    span = seqlen - (bos is not None)
     length = ids.shape[-1]
-    if seqlen < 1 or length <= seqlen:
+    if span < 1 or length <= span:
         raise SlimformerError(f"calibration text has {length} tokens, too few for windows of {seqlen}")
     rng = random.Random(seed)
-    starts = [rng.randint(0, length - seqlen - 1) for _ in range(n)]
-    return torch.stack([ids[0, s : s + seqlen] for s in starts])
+    starts = [rng.randint(0, length - span - 1) for _ in range(n)]
+    return with_bos(torch.stack([ids[0, s : s + span] for s in starts]), bos)
 
 
-def calibration_samples(tokenizer, source: str = "wikitext2:valid", n: int = 32, seqlen: int = 2048, seed: int = 0):
-    """Tokenise a named source and draw ``n × seqlen`` seeded calibration windows from it."""
-    return sample_windows(tokenize(tokenizer, load_text(source)), n, seqlen, seed)
+def calibration_samples(tokenizer, source: str = "wikitext2:valid", n: int = 32, seqlen: int = 2048, seed: int = 0,
+                        *, bos: int | None = None) -> torch.Tensor:
+    """Tokenise a named source and draw ``n × seqlen`` seeded calibration windows from it (see :func:`sample_windows`)."""
+    return sample_windows(tokenize(tokenizer, load_text(source)), n, seqlen, seed, bos=bos)

@@ -6,9 +6,7 @@ so their figures are directly comparable; the report reads its output as ``costs
 
 from __future__ import annotations
 
-import resource
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +14,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from slimformer.errors import SlimformerError
+from slimformer.machine import peak_rss_gib
 from slimformer.evaluation.speed import compare_speed, prefill_seconds
 from slimformer.models.adapters import get_adapter, weight_matrix
 from slimformer.models.surgery import block_shape, head_dim
@@ -100,9 +99,7 @@ def flops_per_token(model: nn.Module, seq_len: int) -> int:
 
 def peak_memory() -> dict[str, float]:
     """Peak resident memory of this process in GiB (``rss_gib``), plus ``cuda_max_allocated_gib`` when CUDA is up."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 2**30 if sys.platform == "darwin" else 2**20  # macOS reports bytes, Linux KiB
-    memory = {"rss_gib": rss / scale}
+    memory = {"rss_gib": peak_rss_gib()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         memory["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return memory

@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from slimformer.data.sampling import strip_bos, with_bos
 from slimformer.errors import SlimformerError
+from slimformer.models.adapters import get_adapter, next_token_nll
 
 
 @dataclass
@@ -38,18 +40,32 @@ def max_positions(config) -> int | None:
     return None
 
 
-def window_nll(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 128) -> float:
-    """Mean NLL of ``ids[1:]`` under ``logits[:-1]`` (shapes ``(T, V)`` and ``(T,)``).
+def window_nll(model, windows: torch.Tensor) -> list[float]:
+    """Mean next-token NLL of each row of ``windows`` (``(n, T)`` token ids on the model's device).
 
-    Equal to ``F.cross_entropy(logits[:-1], ids[1:])``, computed in row chunks with
-    ``logsumexp``: no vocabulary-sized temporary, which makes it 3-6x cheaper on a CPU.
+    The head is applied to the final hidden states in row chunks
+    (:func:`~slimformer.models.adapters.next_token_nll`), so no window's full-vocabulary
+    logits are ever materialised.
     """
-    total, rows = 0.0, logits.shape[0] - 1
-    for a in range(0, rows, chunk):
-        b = min(a + chunk, rows)
-        part = logits[a:b].float()
-        total += (torch.logsumexp(part, -1) - part.gather(1, ids[a + 1 : b + 1, None])[:, 0]).sum().item()
-    return total / rows
+    adapter = get_adapter(model)
+    hidden = adapter.base(input_ids=windows, use_cache=False).last_hidden_state
+    return (next_token_nll(adapter, hidden, windows) / (windows.shape[1] - 1)).tolist()
+
+
+def cut_windows(ids: torch.Tensor, seqlen: int, windows: int | None = None, *, bos: int | None = None) -> torch.Tensor:
+    """Non-overlapping ``(count, seqlen)`` windows of ``ids`` (shape ``(1, L)``); the tail shorter than one is dropped.
+
+    With ``bos``, each window is ``bos`` then the next ``seqlen − 1`` tokens of the text (its
+    own leading ``bos`` removed), so every text token is predicted once, each window starting
+    as the model's inputs start in use; without, windows are cut from ``ids`` as they are.
+    """
+    text = strip_bos(ids, bos)
+    span = seqlen - (bos is not None)
+    available = text.shape[-1] // span if span > 0 else 0
+    count = available if windows is None else min(windows, available)
+    if count < 1:
+        raise SlimformerError(f"the text has {ids.shape[-1]} tokens, fewer than one window of {seqlen}")
+    return with_bos(text[0, : count * span].view(count, span), bos)
 
 
 @torch.no_grad()
@@ -60,6 +76,7 @@ def perplexity(
     seqlen: int = 2048,
     windows: int | None = None,
     batch_size: int = 1,
+    bos: int | None = None,
     progress: bool = True,
 ) -> PerplexityResult:
     """Perplexity of a causal LM on ``ids`` (shape ``(1, L)``) cut into non-overlapping windows.
@@ -67,23 +84,19 @@ def perplexity(
     Each window of ``seqlen`` tokens is scored on its own, predicting tokens 2..seqlen from
     the ones before; the result is exp of the mean NLL over all predicted tokens. The tail
     shorter than a window is dropped, as in the papers. ``windows`` keeps only the first ones.
+    ``bos`` starts every window with that token (see :func:`cut_windows`).
     """
     limit = max_positions(model.config)
     if seqlen < 2:
         raise SlimformerError(f"seqlen must be at least 2, not {seqlen}")
     if limit is not None and seqlen > limit:
         raise SlimformerError(f"seqlen {seqlen} is larger than the model allows ({limit} positions)")
-    available = ids.shape[-1] // seqlen
-    count = available if windows is None else min(windows, available)
-    if count < 1:
-        raise SlimformerError(f"the text has {ids.shape[-1]} tokens, fewer than one window of {seqlen}")
+    cut = cut_windows(ids, seqlen, windows, bos=bos)
+    count = cut.shape[0]
     device = next(model.parameters()).device
-    chunks = ids[0, : count * seqlen].view(count, seqlen).split(batch_size)
     nlls, start = [], time.perf_counter()
-    for batch in tqdm(chunks, desc="perplexity", unit="batch", disable=not progress):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        nlls.extend(window_nll(row, target) for row, target in zip(logits, batch))
+    for batch in tqdm(cut.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
+        nlls.extend(window_nll(model, batch.to(device)))
     seconds = time.perf_counter() - start
     predicted = count * (seqlen - 1)
     nll = sum(nlls) / count  # windows predict equally many tokens: the mean of means is exact

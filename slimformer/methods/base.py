@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from slimformer.errors import SlimformerError
+from slimformer.machine import peak_rss_gib, reset_peak_rss
 from slimformer.models.adapters import Adapter
 
 _HANDLERS: dict[type, Callable] = {}
@@ -49,16 +49,12 @@ class MethodResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def peak_rss_gib() -> float:
-    """Peak resident memory of this process so far, in GiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 def apply(adapter: Adapter, config, samples: torch.Tensor | None = None) -> MethodResult:
     """Run the method of ``config`` on the adapted model; time it and record peak memory."""
     handler = _HANDLERS.get(type(config))
     if handler is None:
         raise SlimformerError(f"no method registered for {type(config).__name__}")
+    reset_peak_rss()  # the peak of this method alone, not of measurements made before it
     start = time.perf_counter()
     result = handler(adapter, config, samples)
     result.seconds = time.perf_counter() - start

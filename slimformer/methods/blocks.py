@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from slimformer.calibration import BlockRunner
 from slimformer.errors import SlimformerError
 from slimformer.methods.base import MethodResult, config_dict, register
-from slimformer.models.adapters import Adapter
+from slimformer.models.adapters import Adapter, next_token_nll
 from slimformer.models.surgery import remove_blocks
 
 CRITERIA = ("iterative", "oneshot", "influence")
@@ -79,25 +79,13 @@ class SLEBConfig:
         return [i for i in range(n) if i not in protected]
 
 
-def lm_nll(adapter: Adapter, hidden: list[torch.Tensor], samples: list[torch.Tensor], chunk: int = 512) -> float:
-    """Mean next-token NLL of the calibration samples from the last block's hidden states.
-
-    Runs the final norm and the head in row chunks, so the vocabulary-sized logits of a whole
-    sequence never exist at once.
-    """
-    norm, head = adapter.final_norm, adapter.head
-    cap = getattr(adapter.config, "final_logit_softcapping", None)
+def lm_nll(adapter: Adapter, hidden: list[torch.Tensor], samples: list[torch.Tensor]) -> float:
+    """Mean next-token NLL of the calibration samples from the last block's hidden states (before the final norm)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for h, ids in zip(hidden, samples):
-            h = norm(h.to(head.weight.device))[:, :-1].reshape(-1, h.shape[-1])  # (tokens, hidden)
-            target = ids[:, 1:].reshape(-1).to(h.device)
-            for a in range(0, h.shape[0], chunk):
-                logits = head(h[a : a + chunk]).float()
-                if cap:  # Gemma 2/3 squash the logits before the softmax
-                    logits = torch.tanh(logits / cap) * cap
-                total += (torch.logsumexp(logits, -1) - logits.gather(1, target[a : a + chunk, None])[:, 0]).sum().item()
-            count += target.numel()
+            total += next_token_nll(adapter, adapter.final_norm(h.to(adapter.head.weight.device)), ids).sum().item()
+            count += ids[:, 1:].numel()
     return total / count
 
 

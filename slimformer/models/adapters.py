@@ -52,9 +52,13 @@ class Family:
     per_layer_fields: tuple[str, ...] = field(default=("layer_types",))
     # Whether the attention reads its head width from ``config.head_dim`` (else hidden / heads).
     config_head_dim: bool = True
+    # Where windows get the BOS the tokenizer adds (see ``BOS_MODES``): "once" for the families the
+    # papers measured (Llama, OPT), so published figures compare; "every" for the others.
+    bos: str = "every"
 
 
-def _llama_like(name: str, model_type: str | None = None, norms: tuple[str, ...] | None = None) -> Family:
+def _llama_like(name: str, model_type: str | None = None, norms: tuple[str, ...] | None = None,
+                bos: str = "every") -> Family:
     return Family(
         name=name,
         model_types=(model_type or name,),
@@ -64,13 +68,14 @@ def _llama_like(name: str, model_type: str | None = None, norms: tuple[str, ...]
         mlp=_GATED_MLP,
         norms=norms or ("input_layernorm", "post_attention_layernorm"),
         embeddings=("embed_tokens",),
+        bos=bos,
     )
 
 
 _GEMMA2_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 FAMILIES: tuple[Family, ...] = (
-    _llama_like("llama"),
+    _llama_like("llama", bos="once"),
     _llama_like("mistral"),
     _llama_like("qwen2"),
     _llama_like("qwen3"),
@@ -107,6 +112,7 @@ FAMILIES: tuple[Family, ...] = (
         kv_heads_field=None,
         intermediate_field="ffn_dim",
         config_head_dim=False,
+        bos="once",
     ),
     *(
         Family(
@@ -125,6 +131,11 @@ FAMILIES: tuple[Family, ...] = (
         for name in ("bert", "roberta")
     ),
 )
+
+# How a text cut into windows meets the BOS its tokenizer adds: "every" window starts with it (as
+# every prompt does in use), or it stands "once" in front of the whole text (GPTQ, SparseGPT, Wanda
+# and SLEB slice one tokenised text). "auto" takes the family's own choice.
+BOS_MODES = ("auto", "every", "once")
 
 _BY_MODEL_TYPE = {t: f for f in FAMILIES for t in f.model_types}
 SUPPORTED_MODEL_TYPES = tuple(sorted(_BY_MODEL_TYPE))
@@ -197,6 +208,14 @@ class Adapter:
         """The output projection to the vocabulary (``None`` for a bare encoder)."""
         return self.model.get_output_embeddings()
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head applied to final hidden states (after the final norm), soft-capped where the config says so."""
+        logits = self.head(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2/3 squash the logits before the softmax
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def linears(self, block: nn.Module) -> dict[str, nn.Module]:
         """The projections of one block by role: q/k/v/o (or qkv/o), then gate/up/down."""
         paths = {**self.family.attention, **self.family.mlp}
@@ -215,6 +234,25 @@ class Adapter:
             "intermediate": f.intermediate_field,
         }
         return {key: getattr(self.config, name, None) if name else None for key, name in fields.items()}
+
+
+@torch.no_grad()
+def next_token_nll(adapter: Adapter, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Summed NLL of ``ids[:, 1:]`` given final hidden states ``hidden`` (``(B, T, H)``, after the final norm).
+
+    The one next-token loss loop of perplexity, block removal and search: the head runs on
+    ``chunk`` rows at a time, so the ``(T, vocabulary)`` float32 logits of a whole window (2 GiB
+    for a 262,144-token vocabulary at 2048 tokens) never exist at once. Returns ``(B,)`` float64.
+    """
+    sums = torch.zeros(hidden.shape[0], dtype=torch.float64)
+    device = adapter.head.weight.device
+    for b in range(hidden.shape[0]):
+        h, target = hidden[b, :-1].to(device), ids[b, 1:].to(device)
+        for a in range(0, h.shape[0], chunk):
+            logits = adapter.logits(h[a : a + chunk]).float()
+            picked = logits.gather(1, target[a : a + chunk, None])[:, 0]
+            sums[b] += (torch.logsumexp(logits, -1) - picked).double().sum().item()
+    return sums
 
 
 def get_adapter(model: PreTrainedModel) -> Adapter:

@@ -32,7 +32,7 @@ from transformers import (
 
 from slimformer.errors import SlimformerError
 from slimformer.models import sparse_storage
-from slimformer.models.adapters import Adapter, family_for, get_adapter
+from slimformer.models.adapters import BOS_MODES, Adapter, family_for, get_adapter
 from slimformer.models.surgery import reshape_blocks
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,24 @@ HEADS = ("auto", "causal-lm", "base", "sequence-classification")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def added_bos(tokenizer) -> int | None:
+    """The id of the BOS token ``tokenizer`` puts in front of every text it encodes, or None when it adds none."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a")
+    return bos if full[:1] == [bos] and full[1 : 1 + len(plain)] == plain and plain[:1] != [bos] else None
+
+
+def window_bos(tokenizer, adapter: Adapter, mode: str = "auto") -> int | None:
+    """The token every window of a text starts with under ``mode`` (see ``BOS_MODES``), or None."""
+    if mode not in BOS_MODES:
+        raise SlimformerError(f"unknown BOS mode '{mode}'; choose one of {', '.join(BOS_MODES)}")
+    mode = adapter.family.bos if mode == "auto" else mode
+    return added_bos(tokenizer) if mode == "every" else None
+
+
 @dataclass
 class LoadedModel:
     """A model with its tokenizer and adapter, and where it came from."""
@@ -66,6 +84,10 @@ class LoadedModel:
     tokenizer: object
     adapter: Adapter
     source: str
+
+    def window_bos(self, mode: str = "auto") -> int | None:
+        """The token every perplexity window and calibration sample starts with (see :func:`window_bos`)."""
+        return window_bos(self.tokenizer, self.adapter, mode)
 
 
 def cache_dir() -> Path:

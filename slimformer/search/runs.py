@@ -97,7 +97,7 @@ def run_search_job(model: str, task: str | None, config: SearchConfig, out: str 
                  "timing": stage1.timing}
         labels = ("relative parameters", "1 − accuracy (dev)")
     else:
-        samples = calibration_samples(loaded.tokenizer, task, n=nsamples, seqlen=seqlen, seed=seed)
+        samples = calibration_samples(loaded.tokenizer, task, n=nsamples, seqlen=seqlen, seed=seed, bos=loaded.window_bos())
         found = decoder_search(loaded.adapter, samples, config, storage=storage, progress=progress)
         _save_importance(out / "importance.pt", found["importance"])
         result = found["result"]

@@ -37,6 +37,7 @@ import torch
 
 from slimformer.data.glue import glue_task, load_glue
 from slimformer.errors import SlimformerError
+from slimformer.evaluation.perplexity import window_nll
 from slimformer.evaluation.glue import batches, classifier_from, evaluate_classifier, finetune_classifier
 from slimformer.models.adapters import Adapter, get_adapter
 from slimformer.search.importance import classifier_loss, lm_loss, mask_gradient_importance, normalised
@@ -306,8 +307,9 @@ def encoder_search(stage1: Stage1, tokenizer, task: str, config: SearchConfig, *
 
 def calibration_perplexity(model, samples: torch.Tensor) -> float:
     """exp(mean next-token loss) over calibration windows of equal length."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        losses = [lm_loss(model, window[None]).item() for window in samples]
+        losses = [nll for window in samples for nll in window_nll(model, window[None].to(device))]
     return math.exp(sum(losses) / len(losses))
 
 
