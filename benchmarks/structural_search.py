@@ -183,8 +183,10 @@ def table_rows(results: list[dict]) -> list[tuple[str, str]]:
         schedule = f"{r.get('epochs', 2):g} epochs at lr {r.get('lr', 1e-4):g}, {r.get('random_subnets', 1)} random " \
                    f"sub-network(s) per step, {r['train_examples']} training examples"
         if r.get("schedules"):
-            grid = "; ".join(f"{g['epochs']:g} ep. lr {g['lr']:g}: {g['search_valid_accuracy']:.3f} / "
-                             f"{g['dev_accuracy']:.3f}" for g in r["schedules"])
+            # results stored before the scores were named by the task's metric say "accuracy"
+            grid = "; ".join(f"{g['epochs']:g} ep. lr {g['lr']:g}: "
+                             f"{g.get('search_valid_score', g.get('search_valid_accuracy')):.3f} / "
+                             f"{g.get('dev_score', g.get('dev_accuracy')):.3f}" for g in r["schedules"])
             schedule += f" — chosen on held-out accuracy in {r['select_schedule_s']:.0f} s (held-out / dev): {grid}"
         rows.append((f"{r['task'].upper()} fine-tuning", schedule))
         rows.append((f"{r['task'].upper()} searched Pareto set on dev (params → accuracy)", front))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
@@ -217,6 +218,61 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_glue(args: argparse.Namespace) -> int:
+    """Fine-tune an encoder on one GLUE task and print the task's metrics on its dev set(s)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from slimformer.data.glue import glue_file, glue_task
+    from slimformer.evaluation import run_glue
+    from slimformer.models import save_model
+
+    info = glue_task(args.task)
+    for split in ("train", *info.dev_splits):
+        glue_file(info, split)  # missing data fails before the model loads
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise SlimformerError(f"output '{args.out}' exists; choose another path or pass --overwrite")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    if loaded.adapter.family.kind != "encoder":
+        raise SlimformerError(f"GLUE fine-tuning needs an encoder (bert, roberta); '{args.model}' is a "
+                              f"{loaded.adapter.family.name} decoder")
+    classifier, result = run_glue(loaded, loaded.tokenizer, info, epochs=args.epochs, lr=args.lr,
+                                  batch_size=args.batch_size, max_length=args.max_length,
+                                  train_limit=args.train_limit, seed=args.seed)
+    table = Table(title=f"GLUE {info.name} — {args.model}, {result['train_examples']} training examples, "
+                        f"{args.epochs} epoch(s)")
+    for col in ("dev split", *info.metrics, "examples"):
+        table.add_column(col, justify="left" if col == "dev split" else "right")
+    for split, m in result["metrics"].items():
+        table.add_row(split, *(f"{m[k]:.4f}" for k in info.metrics), str(m["examples"]))
+    console = Console()
+    console.print(table)
+    for split, m in result["metrics"].items():  # one plain line per split, whatever the terminal's width
+        console.print(f"{info.name} {split}: " + ", ".join(f"{k} {m[k]:.4f}" for k in info.metrics)
+                      + f" ({m['examples']} examples; trained on {result['train_examples']} training examples)")
+    if args.out:
+        save_model(classifier, loaded.tokenizer, args.out, overwrite=args.overwrite)
+        write_json(Path(args.out) / "glue.json", {"model": args.model, **result, "machine": machine_info()})
+        print(f"saved {args.out}")
+    return 0
+
+
+def _add_glue_parser(sub) -> None:
+    from slimformer.data.glue import GLUE_TASKS
+
+    p = sub.add_parser("glue", help=cmd_glue.__doc__)
+    _add_model_args(p)
+    p.add_argument("--task", required=True, help=f"GLUE task: {', '.join(GLUE_TASKS)}")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
+    p.add_argument("--train-limit", type=int, default=None, help="train on a seeded sample of N training examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for the fine-tuned classifier and glue.json")
+    p.add_argument("--overwrite", action="store_true")
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     """Cut one searched sub-network out as a smaller model (stock transformers loads uniform shapes)."""
     from slimformer.search import runs
@@ -239,7 +295,7 @@ def _add_search_parsers(sub) -> None:
     p.add_argument("--trials", type=int, default=100)
     p.add_argument("--population", type=int, default=None, help="nsga2: individuals per generation")
     p.add_argument("--task", default=None,
-                   help="encoders: glue:sst2|mrpc|rte (two-stage search); decoders: a calibration source "
+                   help="encoders: glue:TASK, any GLUE task (two-stage search); decoders: a calibration source "
                         f"({SOURCES_HELP}; default wikitext2:valid)")
     p.add_argument("--backend", default="local", help=f"where candidates are evaluated: {', '.join(BACKENDS)}")
     p.add_argument("--seed", type=int, default=0)
@@ -327,8 +383,8 @@ def _add_run_parsers(sub) -> None:
     p.add_argument("run", help="run folder")
 
 
-COMMANDS = {"eval": cmd_eval, "run": cmd_run, "report": cmd_report, "prune": cmd_prune, "remove-blocks": cmd_remove_blocks, "search": cmd_search,
-            "extract": cmd_extract}
+COMMANDS = {"eval": cmd_eval, "run": cmd_run, "report": cmd_report, "prune": cmd_prune, "remove-blocks": cmd_remove_blocks,
+            "search": cmd_search, "extract": cmd_extract, "glue": cmd_glue}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_remove_blocks_parser(sub)
     _add_search_parsers(sub)
     _add_run_parsers(sub)
+    _add_glue_parser(sub)
     assert set(sub.choices) == set(COMMANDS), "every verb needs a handler and a parser"
     return parser
 

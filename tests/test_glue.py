@@ -1,5 +1,7 @@
 """GLUE: the TSV readers on the real files, batching, the classifier on an encoder, fine-tuning and evaluation."""
 
+import json
+import math
 import random
 import shutil
 from types import SimpleNamespace
@@ -11,8 +13,11 @@ from torch import nn
 from slimformer import SlimformerError
 from slimformer.data import GLUE_TASKS, GlueExample, data_dir, glue_task, load_glue
 from slimformer.evaluation import batches, classifier_from, evaluate_classifier, finetune_classifier
-from slimformer.evaluation.glue import f1
-from conftest import tiny_model, tiny_tokenizer
+from slimformer.cli import main
+from slimformer.evaluation import run_glue
+from slimformer.evaluation.glue import f1, matthews, pearson, predict, spearman
+from slimformer.models import save_model
+from conftest import TINY_REL, tiny_model, tiny_tokenizer
 
 
 # Counts and label-1 counts were taken from the files with awk, independently of the reader.
@@ -49,10 +54,15 @@ def test_task_names_and_info():
     assert glue_task("GLUE:RTE").name == "rte"
     assert glue_task("MRPC").metrics == ("accuracy", "f1") and glue_task("mrpc").num_labels == 2
     assert glue_task("rte").label_names[0] == "entailment"
-    with pytest.raises(SlimformerError, match="unknown GLUE task 'cola'; choose one of sst2, mrpc, rte"):
-        glue_task("cola")
-    with pytest.raises(SlimformerError, match="unknown GLUE split 'test'"):
+    assert glue_task("CoLA").metrics == ("matthews",) and glue_task("sts-b").regression
+    assert glue_task("stsb").num_labels == 1 and glue_task("mnli").num_labels == 3
+    with pytest.raises(SlimformerError, match="unknown GLUE task 'colas'; choose one of cola, sst2, mrpc, stsb, qqp, "
+                                              "mnli, qnli, rte, wnli"):
+        glue_task("colas")
+    with pytest.raises(SlimformerError, match="unknown split 'test' of GLUE rte; choose one of train, dev"):
         load_glue("rte", "test")
+    with pytest.raises(SlimformerError, match="choose one of train, dev, dev_matched, dev_mismatched"):
+        load_glue("mnli", "test")
 
 
 @pytest.fixture
@@ -197,3 +207,129 @@ def test_finetuning_is_deterministic_and_step_hook_replaces_the_loss():
     assert out["losses"][0] == pytest.approx(2 * runs[0][0])  # same first batch and weights, doubled loss
     with pytest.raises(SlimformerError, match="warmup"):
         finetune_classifier(classifier_from(tiny_model("bert")), tok, train, warmup=1.5)
+
+
+# --- every task in its official file layout -------------------------------------------------------------------
+# Two examples per file, written as the GLUE download script lays them out (CoLA without a header row).
+LAYOUTS = {
+    "CoLA": {"train.tsv": "gj04\t1\t\tw1 w2 w3 .\ngj04\t0\t*\tw4 w5 .\n", "dev.tsv": "gj04\t0\t*\tw6 w7\ngj04\t1\t\tw8\n"},
+    "STS-B": {name: "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+              "0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tw1 w2\tw1 w3\t3.8\n"
+              "1\tmain-captions\tMSRvid\t2012test\t0004\tnone\tnone\tw4\tw5 w6\t0.5\n" for name in ("train.tsv", "dev.tsv")},
+    "MNLI": {name: "index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+             "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n"
+             f"0\t1\t1e\tgov\t( w1 )\t( w2 )\t(ROOT w1)\t(ROOT w2)\tw1 w9\tw2\tneutral\t{gold}\n"
+             "1\t2\t2c\tgov\t( w3 )\t( w4 )\t(ROOT w3)\t(ROOT w4)\tw3\tw4 w9\tcontradiction\tcontradiction\n"
+             for name, gold in (("train.tsv", "neutral"), ("dev_matched.tsv", "entailment"),
+                                ("dev_mismatched.tsv", "neutral"))},
+    "QNLI": {name: "index\tquestion\tsentence\tlabel\n0\tw1 w2?\tw3 w4\tentailment\n1\tw5?\tw6\tnot_entailment\n"
+             for name in ("train.tsv", "dev.tsv")},
+    "QQP": {name: "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n0\t1\t2\tw1?\tw2?\t1\n1\t3\t4\tw3?\tw4 w5?\t0\n"
+            for name in ("train.tsv", "dev.tsv")},
+    "WNLI": {name: "index\tsentence1\tsentence2\tlabel\n0\tw1 w2\tw3\t1\n1\tw4\tw5\t0\n" for name in ("train.tsv", "dev.tsv")},
+}
+
+
+@pytest.fixture
+def glue_layouts(tmp_path, monkeypatch):
+    """A data directory with every task above in its official layout."""
+    for folder, files in LAYOUTS.items():
+        (tmp_path / "glue" / folder).mkdir(parents=True)
+        for name, text in files.items():
+            (tmp_path / "glue" / folder / name).write_text(text)
+    monkeypatch.setenv("SLIMFORMER_DATA", str(tmp_path))
+    return tmp_path / "glue"
+
+
+def test_every_task_reads_its_official_layout(glue_layouts):
+    assert load_glue("cola", "train") == [GlueExample("w1 w2 w3 .", None, 1), GlueExample("w4 w5 .", None, 0)]
+    stsb = load_glue("stsb", "dev")
+    assert stsb == [GlueExample("w1 w2", "w1 w3", 3.8), GlueExample("w4", "w5 w6", 0.5)]
+    assert all(isinstance(e.label, float) for e in stsb)
+    assert [e.label for e in load_glue("mnli", "dev")] == [0, 2]  # dev is dev_matched
+    assert [e.label for e in load_glue("mnli", "dev_mismatched")] == [1, 2]
+    assert load_glue("mnli", "train")[0] == GlueExample("w1 w9", "w2", 1)
+    assert load_glue("qnli", "dev") == [GlueExample("w1 w2?", "w3 w4", 0), GlueExample("w5?", "w6", 1)]
+    assert [e.label for e in load_glue("qqp", "dev")] == [1, 0] and load_glue("qqp", "dev")[1].text_b == "w4 w5?"
+    assert [e.label for e in load_glue("wnli", "train")] == [1, 0]
+
+
+def test_wrong_columns_and_labels_name_the_file_and_line(glue_layouts):
+    (glue_layouts / "QNLI" / "dev.tsv").write_text("index\tquestion\tanswer\tlabel\n0\tw1\tw2\tentailment\n")
+    with pytest.raises(SlimformerError, match=r"QNLI/dev\.tsv:1: the header has no column 'sentence' \(GLUE qnli needs "
+                                              r"'question', 'sentence', 'label'\)"):
+        load_glue("qnli", "dev")
+    (glue_layouts / "STS-B" / "dev.tsv").write_text(LAYOUTS["STS-B"]["dev.tsv"].replace("3.8", "high"))
+    with pytest.raises(SlimformerError, match=r"STS-B/dev\.tsv:2: label 'high' is not a number"):
+        load_glue("stsb", "dev")
+    (glue_layouts / "CoLA" / "dev.tsv").write_text("gj04\t1\tw1\n")
+    with pytest.raises(SlimformerError, match=r"CoLA/dev\.tsv:1: expected 4 tab-separated fields, found 3"):
+        load_glue("cola", "dev")
+
+
+def test_regression_labels_stay_floats_and_predictions_are_the_score():
+    examples = [GlueExample("w1 w2", "w3", 3.8), GlueExample("w4", "w5", 0.5)]
+    (batch,) = batches(tiny_tokenizer(), examples, batch_size=2)
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == pytest.approx([3.8, 0.5])
+    model = classifier_from(tiny_model("bert"), num_labels=1)
+    assert model.config.problem_type == "regression"
+    with torch.no_grad():
+        expected = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, 0]
+        loss = model(**batch).loss
+    assert torch.equal(predict(model, tiny_tokenizer(), examples, batch_size=2), expected)
+    assert loss.item() == pytest.approx(torch.nn.functional.mse_loss(expected, batch["labels"]).item(), rel=TINY_REL)
+
+
+def direct_matthews(preds, labels):
+    """MCC of binary predictions from the confusion counts, as GLUE's CoLA score defines it."""
+    tp = sum(p == y == 1 for p, y in zip(preds, labels))
+    tn = sum(p == y == 0 for p, y in zip(preds, labels))
+    fp = sum(p == 1 and y == 0 for p, y in zip(preds, labels))
+    fn = sum(p == 0 and y == 1 for p, y in zip(preds, labels))
+    return (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+
+
+def test_matthews_pearson_and_spearman_against_direct_computations():
+    rng = random.Random(0)
+    labels = [rng.randrange(2) for _ in range(50)]
+    preds = [y if rng.random() < 0.7 else 1 - y for y in labels]
+    assert matthews(preds, labels) == pytest.approx(direct_matthews(preds, labels))
+    assert matthews([1, 1, 1], [0, 1, 1]) == 0.0  # undefined when one side is constant, as sklearn reports
+    x = [rng.uniform(0, 5) for _ in range(40)]
+    y = [v + rng.gauss(0, 1) for v in x]
+    mx, my = sum(x) / 40, sum(y) / 40
+    direct = sum((a - mx) * (b - my) for a, b in zip(x, y)) / math.sqrt(
+        sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+    assert pearson(x, y) == pytest.approx(direct)
+    # Spearman: Pearson of ranks, ties at their mean rank
+    assert spearman([1.0, 2.0, 2.0, 4.0], [10.0, 20.0, 30.0, 40.0]) == pytest.approx(
+        pearson([1, 2.5, 2.5, 4], [1, 2, 3, 4]))
+    assert spearman(x, [v**3 for v in x]) == pytest.approx(1.0)  # any increasing map ranks the same
+
+
+@pytest.mark.parametrize("task", ["cola", "stsb", "mnli", "qnli", "qqp", "wnli"])
+def test_run_glue_reports_the_task_metrics_on_every_dev_split(glue_layouts, task):
+    model, result = run_glue(tiny_model("bert"), tiny_tokenizer(), task, epochs=1, batch_size=2, max_length=16,
+                             progress=False)
+    info = glue_task(task)
+    assert set(result["metrics"]) == set(info.dev_splits)
+    for split, metrics in result["metrics"].items():
+        assert {*info.metrics, "score", "examples"} <= set(metrics) and metrics["examples"] == 2
+        assert metrics["score"] == metrics[info.metrics[0]]
+    assert model.num_labels == info.num_labels and result["steps"] == 1
+
+
+def test_cli_glue_prints_the_metric_and_saves_the_classifier(glue_layouts, tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    encoder = save_model(tiny_model("bert"), tiny_tokenizer(), tmp_path / "bert")
+    out = tmp_path / "cola"
+    assert main(["glue", str(encoder), "--task", "CoLA", "--epochs", "1", "--train-limit", "1", "--batch-size", "1",
+                 "--max-length", "16", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "matthews" in printed and "1 training examples" in printed
+    saved = json.loads((out / "glue.json").read_text())
+    assert saved["task"] == "cola" and saved["train_examples"] == 1 and "matthews" in saved["metrics"]["dev"]
+    assert AutoModelForSequenceClassification.from_pretrained(out).num_labels == 2
+    assert main(["glue", str(encoder), "--task", "colas"]) == 2
+    assert "unknown GLUE task 'colas'" in capsys.readouterr().err

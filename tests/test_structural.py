@@ -2,6 +2,7 @@
 
 import copy
 import json
+import random
 from dataclasses import replace
 
 import pytest
@@ -79,17 +80,17 @@ def test_schedule_selection_picks_the_reference_best_on_held_out_examples():
     grid = [(1, 1e-5), (2, 3e-3)]
     chosen, rows, reference = select_schedule(encoder, tokenizer, "glue:rte", config, grid, progress=False)
     assert [(r["epochs"], r["lr"]) for r in rows] == grid
-    best = max(range(len(rows)), key=lambda i: (rows[i]["search_valid_accuracy"], -i))
+    best = max(range(len(rows)), key=lambda i: (rows[i]["search_valid_score"], -i))
     assert (chosen.epochs, chosen.lr) == grid[best] and chosen.space == config.space
     # each row is a real fine-tune measured on the held-out part: redoing the second one gives its figure
     info, train, held_out, _ = task_splits("glue:rte", config)
     model = classifier_from(copy.deepcopy(encoder), info.num_labels, seed=config.seed)
     finetune_classifier(model, tokenizer, train, epochs=2, lr=3e-3, batch_size=16, max_length=32, progress=False)
     again = evaluate_classifier(model, tokenizer, held_out, max_length=32)["accuracy"]
-    assert rows[1]["search_valid_accuracy"] == pytest.approx(again)
+    assert rows[1]["search_valid_score"] == pytest.approx(again)
     # the winner is handed to stage 1 as its reference, not fine-tuned again
     won = evaluate_classifier(reference, tokenizer, held_out, max_length=32)["accuracy"]
-    assert won == pytest.approx(rows[best]["search_valid_accuracy"])
+    assert won == pytest.approx(rows[best]["search_valid_score"])
     stage1 = train_stage1(encoder, tokenizer, "glue:rte", replace(chosen, importance_batches=1), reference=reference,
                           progress=False)
     assert stage1.reference is reference and "reference_finetune_s" not in stage1.timing
@@ -212,9 +213,31 @@ def test_encoder_needs_a_glue_task_with_data(tmp_path, capsys):
     path = save_model(tiny_model("bert"), tiny_tokenizer(), tmp_path / "bert")
     assert main(["search", str(path), "--task", "wikitext2", "--out", str(tmp_path / "r")]) == 2
     assert "GLUE task" in capsys.readouterr().err
-    assert main(["search", str(path), "--task", "glue:cola", "--out", str(tmp_path / "r")]) == 2
-    assert "cola" in capsys.readouterr().err
+    assert main(["search", str(path), "--task", "glue:colas", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown GLUE task 'glue:colas'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_encoder_search_on_a_regression_task_maximises_pearson(tmp_path, monkeypatch):
+    """STS-B: float scores, a one-output head trained with MSE, and 1 − Pearson as the error objective."""
+    from slimformer.search.runs import run_search_job
+
+    rng = random.Random(0)
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    folder = tmp_path / "glue" / "STS-B"
+    folder.mkdir(parents=True)
+    for name, n in (("train.tsv", 40), ("dev.tsv", 12)):
+        rows = [f"{i}\tg\tf\ty\t{i}\tn\tn\tw{rng.randrange(1, 99)} w{rng.randrange(1, 99)}\tw{rng.randrange(1, 99)}"
+                f"\t{rng.uniform(0, 5):.3f}\n" for i in range(n)]
+        (folder / name).write_text(header + "".join(rows))
+    monkeypatch.setenv("SLIMFORMER_DATA", str(tmp_path))
+    path = save_model(tiny_model("bert"), tiny_tokenizer(), tmp_path / "bert")
+    config = SearchConfig(space="small", strategy="random", trials=3, epochs=1, search_valid=8, max_length=16,
+                          batch_size=8, baseline_sizes=(0.8,))
+    summary = run_search_job(str(path), "glue:stsb", config, tmp_path / "r", progress=False)
+    for point in summary["dev_front"]:
+        assert {"pearson", "spearman", "score"} <= set(point["dev"]) and point["dev"]["score"] == point["dev"]["pearson"]
+    assert summary["reference_dev"]["examples"] == 12 and "accuracy" not in summary["reference_dev"]
 
 
 def test_ray_backend_evaluates_subnetworks_like_the_local_one():

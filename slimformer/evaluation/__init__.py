@@ -3,9 +3,9 @@
 from slimformer.evaluation.perplexity import PerplexityResult, max_positions, perplexity
 
 __all__ = ["PerplexityResult", "max_positions", "perplexity"]
-from slimformer.evaluation.glue import batches, classifier_from, evaluate_classifier, finetune_classifier
+from slimformer.evaluation.glue import batches, classifier_from, evaluate_classifier, finetune_classifier, run_glue
 
-__all__ += ["batches", "classifier_from", "evaluate_classifier", "finetune_classifier"]
+__all__ += ["batches", "classifier_from", "evaluate_classifier", "finetune_classifier", "run_glue"]
 from slimformer.evaluation.cost import flops_per_token, measure_costs, param_counts, peak_memory, size_on_disk
 
 __all__ += ["flops_per_token", "measure_costs", "param_counts", "peak_memory", "size_on_disk"]

@@ -1,4 +1,4 @@
-"""GLUE with encoders: batching examples, a sequence classifier on an encoder, its fine-tuning and evaluation."""
+"""GLUE with encoders: batching, a sequence classifier on an encoder, its fine-tuning, GLUE's metrics and evaluation."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, get_linear_schedule_with_warmup
 
-from slimformer.data.glue import GlueExample, TaskInfo, glue_task
+from slimformer.data.glue import GlueExample, TaskInfo, glue_task, load_glue
 from slimformer.errors import SlimformerError
 from slimformer.models.adapters import family_for
 from slimformer.models.loading import LoadedModel, load_model
@@ -49,7 +49,9 @@ def batches(
         enc = tokenizer([e.text_a for e in chunk], text_b, padding="longest", truncation=True,
                         max_length=max_length, return_tensors="pt")
         batch = dict(enc)
-        batch["labels"] = torch.tensor([e.label for e in chunk], dtype=torch.long)
+        # float scores (STS-B) stay floats for the regression loss; class indices are longs
+        dtype = torch.float32 if any(isinstance(e.label, float) for e in chunk) else torch.long
+        batch["labels"] = torch.tensor([e.label for e in chunk], dtype=dtype)
         yield batch
 
 
@@ -77,6 +79,8 @@ def classifier_from(model_or_spec: PreTrainedModel | LoadedModel | str, num_labe
                               f"('{encoder.config.model_type}')")
     config = copy.deepcopy(encoder.config)
     config.num_labels = num_labels
+    # one output is a score learnt with MSE (STS-B); more are classes learnt with cross-entropy
+    config.problem_type = "regression" if num_labels == 1 else "single_label_classification"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         classifier = AutoModelForSequenceClassification.from_config(config)
@@ -101,14 +105,15 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 @torch.no_grad()
 def predict(model: nn.Module, tokenizer, examples: Sequence[GlueExample], batch_size: int = 64,
             max_length: int = 128) -> torch.Tensor:
-    """The predicted label (argmax of the logits) of every example, in order, computed in eval mode."""
+    """The prediction of every example, in order, computed in eval mode: the argmax class, or the score of a one-output head."""
     was_training, device = model.training, _device(model)
     model.eval()
     try:
         preds = []
         for batch in batches(tokenizer, examples, batch_size, max_length):
             batch.pop("labels")
-            preds.append(model(**_to(batch, device)).logits.argmax(-1).cpu())
+            logits = model(**_to(batch, device)).logits
+            preds.append((logits[:, 0] if logits.shape[-1] == 1 else logits.argmax(-1)).cpu())
     finally:
         model.train(was_training)
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
@@ -128,7 +133,44 @@ def f1(preds: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor
     return 2 * tp / denominator if denominator else 0.0
 
 
-_METRICS = {"accuracy": accuracy, "f1": f1}
+def matthews(preds: Sequence[int] | torch.Tensor, labels: Sequence[int] | torch.Tensor) -> float:
+    """Matthews correlation coefficient (GLUE's CoLA metric), for any number of classes; 0 when undefined."""
+    preds, labels = torch.as_tensor(preds).long(), torch.as_tensor(labels).long()
+    k = int(max(preds.max().item(), labels.max().item())) + 1
+    confusion = torch.zeros(k, k, dtype=torch.float64)
+    confusion.index_put_((labels, preds), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
+    t, p = confusion.sum(1), confusion.sum(0)  # true and predicted counts per class
+    c, n = confusion.trace(), confusion.sum()
+    denominator = ((n * n - p @ p) * (n * n - t @ t)).sqrt()
+    return ((c * n - t @ p) / denominator).item() if denominator > 0 else 0.0
+
+
+def pearson(preds: Sequence[float] | torch.Tensor, labels: Sequence[float] | torch.Tensor) -> float:
+    """Pearson correlation of predictions and labels (GLUE's STS-B metric); 0 when either is constant."""
+    x = torch.as_tensor(preds, dtype=torch.float64)
+    y = torch.as_tensor(labels, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denominator = (x.norm() * y.norm()).item()
+    return (x @ y).item() / denominator if denominator > 0 else 0.0
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks from 1, ties sharing their mean rank (as scipy's ``rankdata``)."""
+    order = values.argsort(stable=True)
+    ranks = torch.empty_like(values, dtype=torch.float64)
+    ranks[order] = torch.arange(1, len(values) + 1, dtype=torch.float64)
+    _, group, counts = values.unique(return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, group, ranks)
+    return (sums / counts)[group]
+
+
+def spearman(preds: Sequence[float] | torch.Tensor, labels: Sequence[float] | torch.Tensor) -> float:
+    """Spearman rank correlation: Pearson's of the ranks, ties at their mean rank (GLUE's second STS-B metric)."""
+    return pearson(_ranks(torch.as_tensor(preds, dtype=torch.float64)),
+                   _ranks(torch.as_tensor(labels, dtype=torch.float64)))
+
+
+_METRICS = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson, "spearman": spearman}
 
 
 def evaluate_classifier(
@@ -140,9 +182,11 @@ def evaluate_classifier(
     *,
     task: str | TaskInfo | None = None,
 ) -> dict:
-    """``accuracy`` of a classifier on ``examples`` (and the task's other metrics: ``f1`` for MRPC).
+    """The task's metrics of a classifier on ``examples`` (accuracy without a task), and its ``score``.
 
-    Also reports the number of ``examples`` and the ``seconds`` the predictions took.
+    ``score`` is the task's first metric (accuracy, Matthews correlation for CoLA, Pearson for
+    STS-B): what a search maximises. Also reports the number of ``examples`` and the
+    ``seconds`` the predictions took.
     """
     if not examples:
         raise SlimformerError("no examples to evaluate")
@@ -152,7 +196,7 @@ def evaluate_classifier(
     seconds = time.perf_counter() - start
     labels = [e.label for e in examples]
     result = {name: _METRICS[name](preds, labels) for name in metrics}
-    return {**result, "examples": len(examples), "seconds": seconds}
+    return {**result, "score": result[metrics[0]], "examples": len(examples), "seconds": seconds}
 
 
 def _optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -237,3 +281,32 @@ def finetune_classifier(
         bar.close()
         model.eval()
     return {"losses": losses, "seconds": time.perf_counter() - start, "steps": len(losses)}
+
+
+def run_glue(model_or_spec: PreTrainedModel | LoadedModel | str, tokenizer, task: str | TaskInfo, *,
+             epochs: int = 3, lr: float = 5e-5, batch_size: int = 32, max_length: int = 128,
+             train_limit: int | None = None, seed: int = 0, progress: bool = True) -> tuple[nn.Module, dict]:
+    """Fine-tune a classifier on an encoder for a GLUE task and evaluate it on every dev split.
+
+    ``train_limit`` trains on a seeded sample of that many training examples (not the head of
+    the file: SST-2's is sorted). Returns the classifier and ``{task, metrics per dev split,
+    training figures}``.
+    """
+    info = glue_task(task)
+    train = load_glue(info, "train")
+    devs = {split: load_glue(info, split) for split in info.dev_splits}  # a missing file fails before training
+    if train_limit is not None:
+        if train_limit < 1:
+            raise SlimformerError(f"train_limit must be at least 1, not {train_limit}")
+        train = random.Random(seed).sample(train, min(train_limit, len(train)))
+    classifier = classifier_from(model_or_spec, info.num_labels, seed=seed)
+    positions = getattr(classifier.config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise SlimformerError(f"max_length {max_length} is longer than the model's {positions} positions")
+    trained = finetune_classifier(classifier, tokenizer, train, epochs=epochs, lr=lr, batch_size=batch_size,
+                                  max_length=max_length, seed=seed, progress=progress)
+    metrics = {split: evaluate_classifier(classifier, tokenizer, examples, max_length=max_length, task=info)
+               for split, examples in devs.items()}
+    return classifier, {"task": info.name, "metrics": metrics, "train_examples": len(train), "epochs": epochs,
+                        "lr": lr, "steps": trained["steps"], "train_seconds": trained["seconds"],
+                        "final_loss": trained["losses"][-1]}

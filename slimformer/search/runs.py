@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from slimformer.data import calibration_samples
+from slimformer.data.glue import GLUE_TASKS, glue_task
 from slimformer.errors import SlimformerError
 from slimformer.files import write_json
 from slimformer.models import load_model, save_model
@@ -73,13 +74,12 @@ def run_search_job(model: str, task: str | None, config: SearchConfig, out: str 
     loaded = load_model(model, dtype=dtype, device=device)
     kind = loaded.adapter.family.kind
     if kind == "encoder" and not (task or "").startswith("glue:"):
-        raise SlimformerError(f"an encoder is searched on a GLUE task: --task glue:rte (or sst2, mrpc), not {task!r}")
+        raise SlimformerError(f"an encoder is searched on a GLUE task: --task glue:TASK ({', '.join(GLUE_TASKS)}), "
+                              f"not {task!r}")
     task = task or "wikitext2:valid"
     request = {"model": model, "task": task, "kind": kind, "config": asdict(config), "nsamples": nsamples,
                "seqlen": seqlen, "dtype": dtype}
     if kind == "encoder":
-        from slimformer.data.glue import glue_task
-
         glue_task(task)  # an unknown task or too long an input fails before the folder is made
         check_max_length(loaded.model, config)
     _open_run(out, request)
@@ -88,14 +88,14 @@ def run_search_job(model: str, task: str | None, config: SearchConfig, out: str 
         stage1 = _stage1(loaded, task, config, out, device, progress)
         found = encoder_search(stage1, loaded.tokenizer, task, config, storage=storage, progress=progress)
         result: SearchResult = found["result"]
-        points = {"search (dev)": [[p["params"], 1 - p["dev"]["accuracy"]] for p in found["dev_front"]],
-                  "importance pruning (dev)": [[b["params"], 1 - b["dev"]["accuracy"]] for b in found["baseline"]]}
+        points = {"search (dev)": [[p["params"], 1 - p["dev"]["score"]] for p in found["dev_front"]],
+                  "importance pruning (dev)": [[b["params"], 1 - b["dev"]["score"]] for b in found["baseline"]]}
         extra = {"dev_front": found["dev_front"], "baseline": {"label": "importance pruning (dev)",
                  "points": points["importance pruning (dev)"], "runs": found["baseline"]},
                  "baseline_at_front": found["baseline_at_front"], "reference_dev": found["reference_dev"],
                  "supernet_dev": found["supernet_dev"],
                  "timing": stage1.timing}
-        labels = ("relative parameters", "1 − accuracy (dev)")
+        labels = ("relative parameters", f"1 − {glue_task(task).metrics[0]} (dev)")
     else:
         samples = calibration_samples(loaded.tokenizer, task, n=nsamples, seqlen=seqlen, seed=seed, bos=loaded.window_bos())
         found = decoder_search(loaded.adapter, samples, config, storage=storage, progress=progress)
@@ -164,11 +164,11 @@ def print_summary(summary: dict) -> None:
         table.add_column(name, justify="right")
     dev = {p["number"]: p for p in summary.get("dev_front", [])}
     if dev:
-        table.add_column("dev accuracy", justify="right")
+        table.add_column(f"dev {glue_task(summary['task']).metrics[0]}", justify="right")
     for i in summary["pareto"]:
         t = summary["trials"][i]
         row = [str(t["number"]), *(f"{v:.4f}" for v in t["values"])]
         if dev:
-            row.append(f"{dev[t['number']]['dev']['accuracy']:.4f}" if t["number"] in dev else "")
+            row.append(f"{dev[t['number']]['dev']['score']:.4f}" if t["number"] in dev else "")
         table.add_row(*row)
     Console().print(table)

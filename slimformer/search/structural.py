@@ -162,7 +162,7 @@ def split_train(examples: list, valid: int, seed: int) -> tuple[list, list]:
 def _error_fn(model, tokenizer, examples, config: SearchConfig, task):
     def error(subnet: Subnet) -> float:
         return 1.0 - evaluate_classifier(model, tokenizer, examples, batch_size=64, max_length=config.max_length,
-                                         task=task)["accuracy"]
+                                         task=task)["score"]
     return error
 
 
@@ -217,9 +217,9 @@ def select_schedule(pretrained, tokenizer, task: str, config: SearchConfig,
                                       max_length=config.max_length, seed=config.seed, progress=progress)["seconds"]
         held_out = evaluate_classifier(model, tokenizer, search_valid, max_length=config.max_length, task=info)
         on_dev = evaluate_classifier(model, tokenizer, dev, max_length=config.max_length, task=info)
-        rows.append({"epochs": epochs, "lr": lr, "search_valid_accuracy": held_out["accuracy"],
-                     "dev_accuracy": on_dev["accuracy"], "seconds": seconds})
-        if best is None or rows[-1]["search_valid_accuracy"] > best["search_valid_accuracy"]:
+        rows.append({"epochs": epochs, "lr": lr, "search_valid_score": held_out["score"],
+                     "dev_score": on_dev["score"], "seconds": seconds})
+        if best is None or rows[-1]["search_valid_score"] > best["search_valid_score"]:
             best, best_model = rows[-1], model  # strictly better: the first of equals stays
     return replace(config, epochs=best["epochs"], lr=best["lr"]), rows, best_model
 

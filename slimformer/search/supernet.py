@@ -32,8 +32,18 @@ DISTILL = ("inplace", "reference", "none")
 SAMPLING = {"uniform": None, "sized": 0.2}
 
 
-def _soft_ce(teacher: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    return -(teacher * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+def _label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to class labels; MSE to the score of a one-output regression head (STS-B)."""
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits[:, 0].float(), labels.float())
+    return F.cross_entropy(logits.float(), labels)
+
+
+def _distill_loss(teacher: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy to the teacher's distribution; MSE to its score for a regression head, as Klein et al. for STS-B."""
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.float(), teacher.float())
+    return -(F.softmax(teacher.float(), dim=-1) * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
 
 
 def sandwich_loss(
@@ -63,10 +73,10 @@ def sandwich_loss(
         out = model(**batch)
         if distill == "reference":
             with torch.no_grad():
-                target = F.softmax(teacher(**inputs).logits.float(), dim=-1)
-            total = (out.loss + _soft_ce(target, out.logits)) / 2
+                target = teacher(**inputs).logits
+            total = (out.loss + _distill_loss(target, out.logits)) / 2
         else:
-            target = F.softmax(out.logits.detach().float(), dim=-1)
+            target = out.logits.detach()
             total = out.loss
         subnets = [smallest] + [space.subnet(space.sample(generator, SAMPLING[sampling])) for _ in range(random_subnets)]
         for subnet in subnets:
@@ -74,8 +84,8 @@ def sandwich_loss(
                 continue
             with masked(space.adapter, subnet):
                 logits = model(**inputs).logits
-            total = total + (F.cross_entropy(logits.float(), batch["labels"]) if distill == "none"
-                             else _soft_ce(target, logits))
+            total = total + (_label_loss(logits, batch["labels"]) if distill == "none"
+                             else _distill_loss(target, logits))
         return total
 
     return loss
