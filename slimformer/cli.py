@@ -7,30 +7,35 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
-from slimformer.data import SOURCES_HELP, TASKS_HELP, load_text, tokenize
 from slimformer.errors import SlimformerError
-from slimformer.evaluation import perplexity
-from slimformer.calibration import PROPAGATE
-from slimformer.machine import machine_info
-from slimformer.methods import FinetuneConfig, MagnitudeConfig, SLEBConfig, SparseGPTConfig, WandaConfig
-from slimformer.models import ALIASES, DEFAULT_MODEL, load_model
-from slimformer.models.loading import DTYPES
-from slimformer.pipeline import Calibration, CompressJob, run_compress, write_json
+
+# The parser is built from these names alone, so `--help` and argument errors answer before torch,
+# transformers or Ray are imported (seconds). Each equals the library's own list; a test checks that.
+ALIASES = ("smollm2-135m", "minilm-l6")
+DTYPES = ("float32", "bfloat16", "float16")
+BOS_MODES = ("auto", "every", "once")
+PROPAGATE = ("compressed", "sequential", "dense")
+SPACES = ("small", "medium", "layer", "large")
+OBJECTIVES = ("error", "params", "flops", "latency")
+STRATEGIES = ("random", "local", "nsga2")
+BACKENDS = ("local", "ray")
+GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
+SOURCES_HELP = "wikitext2[:test|valid], text:PATH (or PATH.txt), jsonl:PATH[:FIELD] (or PATH.jsonl)"
+TASKS_HELP = ("piqa, arc_easy, arc_challenge, boolq, hellaswag, winogrande, lambada, or a jsonl file (jsonl:PATH "
+              "or PATH.jsonl) in a multiple-choice, partial-scoring or language-modelling layout")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+    p.add_argument("model", nargs="?", default=ALIASES[0],
                    help=f"alias ({', '.join(ALIASES)}), local HF directory, .gguf file or hub id")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code to run")
 
 
 def _add_bos_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bos", default="auto", choices=["auto", "every", "once"],
+    p.add_argument("--bos", default="auto", choices=BOS_MODES,
                    help="which windows start with the tokenizer's BOS: every one, or once in front of the whole "
                         "text as the papers slice it (auto: once for Llama and OPT, every for the other families)")
 
@@ -40,7 +45,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from slimformer.data import load_text, tokenize
     from slimformer.data.tasks import load_task
+    from slimformer.evaluation import perplexity
+    from slimformer.files import write_json
+    from slimformer.machine import machine_info
+    from slimformer.models import load_model
 
     tasks = [t for t in (args.tasks or "").split(",") if t]
     harness = [t for t in (args.lm_eval or "").split(",") if t]
@@ -95,6 +105,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _method_config(args: argparse.Namespace):
     """The method config of ``prune`` from its flags; invalid values fail here, before any loading."""
+    from slimformer.methods import MagnitudeConfig, SparseGPTConfig, WandaConfig
+
     common = dict(sparsity=args.sparsity, pattern=args.pattern, targets=tuple(args.targets), ignore=tuple(args.ignore))
     if args.method == "magnitude":
         return MagnitudeConfig(**common, scope=args.scope, rounds=args.rounds, finetune_steps=args.round_steps)
@@ -133,6 +145,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Prune weights (magnitude, Wanda, SparseGPT), optionally fine-tune, and save the model."""
     from rich.console import Console
 
+    from slimformer.methods import FinetuneConfig
+    from slimformer.pipeline import Calibration, CompressJob, run_compress
+
     if not args.out and not args.sparse_out:
         raise SlimformerError("give --out DIR (and/or --sparse-out DIR) for the pruned model")
     finetune = FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, seqlen=args.finetune_seqlen,
@@ -167,6 +182,9 @@ def _print_outcome(console, report: dict, args: argparse.Namespace) -> None:
 def cmd_remove_blocks(args: argparse.Namespace) -> int:
     """Remove whole blocks (SLEB, its one-shot variant, or block influence) and save the shallower model."""
     from rich.console import Console
+
+    from slimformer.methods import SLEBConfig
+    from slimformer.pipeline import Calibration, CompressJob, run_compress
 
     config = SLEBConfig(blocks=args.blocks, ratio=args.ratio, criterion=args.method.replace("sleb", "iterative"),
                         protect=tuple(args.protect), batch_size=args.batch_size, device=args.device)
@@ -225,7 +243,9 @@ def cmd_glue(args: argparse.Namespace) -> int:
 
     from slimformer.data.glue import glue_file, glue_task
     from slimformer.evaluation import run_glue
-    from slimformer.models import save_model
+    from slimformer.files import write_json
+    from slimformer.machine import machine_info
+    from slimformer.models import load_model, save_model
 
     info = glue_task(args.task)
     for split in ("train", *info.dev_splits):
@@ -258,8 +278,6 @@ def cmd_glue(args: argparse.Namespace) -> int:
 
 
 def _add_glue_parser(sub) -> None:
-    from slimformer.data.glue import GLUE_TASKS
-
     p = sub.add_parser("glue", help=cmd_glue.__doc__)
     _add_model_args(p)
     p.add_argument("--task", required=True, help=f"GLUE task: {', '.join(GLUE_TASKS)}")
@@ -283,10 +301,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _add_search_parsers(sub) -> None:
-    from slimformer.search.objectives import OBJECTIVES
-    from slimformer.search.space import SPACES
-    from slimformer.search.strategies import BACKENDS, STRATEGIES
-
     p = sub.add_parser("search", help=cmd_search.__doc__)
     _add_model_args(p)
     p.add_argument("--space", default="small", help=f"search space: {', '.join(SPACES)}")
@@ -426,7 +440,7 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1, help="calibration samples per block call")
-    p.add_argument("--propagate", default="sequential", choices=list(PROPAGATE),
+    p.add_argument("--propagate", default="sequential", choices=PROPAGATE,
                    help="how pruned outputs feed the next block (see slimformer.calibration)")
     p.add_argument("--scope", default="layer", choices=["layer", "global"], help="magnitude: threshold per matrix or global")
     p.add_argument("--rounds", type=int, default=1, help="magnitude: iterative rounds up to the target")
@@ -446,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run one verb, turn a SlimformerError into one line and exit status 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import torch
     import transformers
 
     transformers.logging.set_verbosity_error()

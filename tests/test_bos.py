@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import BOS, assert_ppl_close, random_ids, tiny_model, tiny_tokenizer
+from conftest import BOS, assert_ppl_close, tiny_model, tiny_tokenizer
 from slimformer import SlimformerError, get_adapter, load_model, save_model
 from slimformer.cli import main
 from slimformer.data import sample_windows, tokenize

@@ -78,3 +78,29 @@ def test_eval_bad_task_file_names_file_and_line(saved_tiny, tmp_path, capsys):
     assert str(task) in err and ":2" in err
     assert main(["eval", str(path), "--tasks", "hellaswagg"]) == 2
     assert "hellaswagg" in capsys.readouterr().err
+
+
+def test_the_parser_names_equal_the_library_lists():
+    """The CLI builds its parser without importing the library (a fast --help); its names must still agree."""
+    from slimformer import cli
+    from slimformer.calibration import PROPAGATE
+    from slimformer.data import SOURCES_HELP, TASKS_HELP
+    from slimformer.data.glue import GLUE_TASKS
+    from slimformer.models import ALIASES, BOS_MODES
+    from slimformer.models.loading import DEFAULT_MODEL, DTYPES
+    from slimformer.search.objectives import OBJECTIVES
+    from slimformer.search.space import SPACES
+    from slimformer.search.strategies import BACKENDS, STRATEGIES
+
+    assert cli.ALIASES == tuple(ALIASES) and cli.ALIASES[0] == DEFAULT_MODEL
+    assert (cli.DTYPES, cli.BOS_MODES, cli.PROPAGATE) == (tuple(DTYPES), BOS_MODES, PROPAGATE)
+    assert (cli.SPACES, cli.OBJECTIVES, cli.STRATEGIES, cli.BACKENDS) == (SPACES, OBJECTIVES, STRATEGIES, BACKENDS)
+    assert cli.GLUE_TASKS == tuple(GLUE_TASKS)
+    assert (cli.SOURCES_HELP, cli.TASKS_HELP) == (SOURCES_HELP, TASKS_HELP)
+
+
+def test_help_and_argument_errors_import_no_heavy_library():
+    code = ("import sys; from slimformer.cli import build_parser; build_parser(); "
+            "print(sorted({'torch', 'transformers', 'ray', 'optuna', 'lm_eval'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

