@@ -133,11 +133,13 @@ def test_shallower_model_reloads_with_the_same_logits_and_generation(family, tmp
     assert len(adapter.blocks) == adapter.num_layers == 2
     if layer_types:
         assert model.config.layer_types == [layer_types[0], layer_types[2]]
+        assert "_sliding_window_pattern" not in model.config.to_dict()  # no periodic pattern contradicting it
     idx = [getattr(m, "layer_idx") for b in adapter.blocks for m in b.modules() if hasattr(m, "layer_idx")]
     assert set(idx) <= {0, 1} and (not idx or idx[-1] == 1)
     path = save_model(model, tiny_tokenizer(), tmp_path / "m")
     stock = AutoModelForCausalLM.from_pretrained(path).eval()
     assert stock.config.num_hidden_layers == 2 and len(get_adapter(stock).blocks) == 2
+    assert getattr(stock.config, "layer_types", None) == getattr(model.config, "layer_types", None)
     ids = random_ids(2, 20)
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, model(input_ids=ids).logits)

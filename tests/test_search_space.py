@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
-from conftest import TINY_REL, assert_close_scaled, random_ids, tiny_model, tiny_tokenizer
+from conftest import TINY_CONFIGS, TINY_REL, assert_close_scaled, random_ids, tiny_model, tiny_tokenizer
 from slimformer import SlimformerError, get_adapter, load_model, save_model
 from slimformer.models.surgery import block_shape
 from slimformer.search.importance import lm_loss, mask_gradient_importance, normalised
@@ -218,3 +218,39 @@ def test_sized_sampling_covers_the_size_range_that_uniform_draws_miss():
     assert sized.std() > 1.5 * uniform.std()
     for lo in (0.0, 0.25, 0.5, 0.75):
         assert ((sized >= lo) & (sized < lo + 0.25)).float().mean() > 0.1
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_ragged_extractions_of_every_decoder_reload_tied_or_not(tmp_path, decoder_family, tied):
+    config = TINY_CONFIGS[decoder_family]()
+    config.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    space = SearchSpace("medium", get_adapter(model))
+    g = torch.Generator().manual_seed(2)
+    subnet = next(s for s in (space.subnet(space.sample(g)) for _ in range(50))
+                  if len({len(h) for h in s.heads if h is not None} | {len(u) for u in s.units if u}) > 1
+                  and s.kept_blocks)
+    small = extract(model, subnet)
+    assert hasattr(small.config, "slimformer_layer_shapes")
+    path = save_model(small, tiny_tokenizer(), tmp_path / "m")
+    ids = random_ids(2, 10)
+    assert_close_scaled(outputs(load_model(str(path)).model, ids), outputs(small, ids))
+
+
+def test_a_head_count_the_config_class_refuses_is_saved_as_layer_shapes(tmp_path):
+    """Gemma 3 checks hidden % heads: 3 heads of a 32-wide model cannot be written as a stock config."""
+    from transformers import Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    subnet = SearchSpace("small", get_adapter(model)).subnet({"blocks": 2, "heads": 3, "units": 40})
+    small = extract(model, subnet)
+    assert small.config.slimformer_layer_shapes[0]["heads"] == 3
+    assert small.config.num_attention_heads == 4  # the shape blocks are cut from, one the class accepts
+    path = save_model(small, tiny_tokenizer(), tmp_path / "g3")
+    ids = random_ids(2, 10)
+    assert_close_scaled(outputs(load_model(str(path)).model, ids), outputs(small, ids))

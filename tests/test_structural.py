@@ -149,13 +149,20 @@ def test_paired_margin_compares_each_point_with_pruning_to_its_own_size():
     assert paired_margin(front, []) == float("inf")
 
 
-def test_cli_search_resumes_and_extracts(saved_tiny, tmp_path, capsys):
+def test_cli_search_resumes_and_extracts(saved_tiny, tmp_path, capsys, monkeypatch):
+    from slimformer.search import structural
+
     path, text = saved_tiny
     out = tmp_path / "run"
     args = ["search", str(path), "--space", "medium", "--strategy", "random", "--task", f"text:{text}",
             "--nsamples", "3", "--seqlen", "16", "--out", str(out)]
     assert main([*args, "--trials", "3"]) == 0
     first = json.loads((out / "search.json").read_text())
+
+    def recompute(*args, **kwargs):
+        raise AssertionError("a resumed search ranks heads and units again")
+
+    monkeypatch.setattr(structural, "mask_gradient_importance", recompute)
     assert main([*args, "--trials", "5"]) == 0
     second = json.loads((out / "search.json").read_text())
     assert [t["params"] for t in second["trials"][:3]] == [t["params"] for t in first["trials"]]

@@ -240,8 +240,9 @@ def _load_reshaped(source: Path, cls, config, dtype: torch.dtype) -> PreTrainedM
         state.update(load_file(file))
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = model.get_output_embeddings()
-    tied = {n for n, p in model.named_parameters() if head is not None and p is head.weight} if getattr(
-        config, "tie_word_embeddings", False) else set()
+    # every name of the tied head weight: named_parameters() would list a shared tensor under one name only
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if head is not None and p is head.weight} \
+        if getattr(config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
         raise SlimformerError(f"checkpoint {source} does not match its layer shapes "
                               f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -36,6 +37,11 @@ def remove_blocks(adapter: Adapter, remove: Iterable[int]) -> list[int]:
         values = getattr(config, field, None)
         if isinstance(values, (list, tuple)) and len(values) == n:
             setattr(config, field, [values[i] for i in keep])
+    # A periodic pattern (Gemma 3's "every 6th layer is global") no longer describes the kept
+    # layers; the per-layer list above does, so the pattern goes rather than contradicting it.
+    for name in ("_sliding_window_pattern", "sliding_window_pattern"):
+        if name in config.__dict__ and isinstance(getattr(config, "layer_types", None), list):
+            delattr(config, name)
     for new_index, block in enumerate(adapter.blocks):
         for module in block.modules():
             if hasattr(module, "layer_idx"):
@@ -152,14 +158,24 @@ def shrink_neurons(adapter: Adapter, block: nn.Module, keep: list[int]) -> None:
     _set(block, f.mlp["down"], _pick(lin["down"], 1, index))
 
 
+def _refused(config) -> bool:
+    """Whether the config class's own validation (``hidden % heads`` and the like) refuses the config."""
+    try:
+        config.validate()
+    except (ValueError, StrictDataclassError):
+        return True
+    return False
+
+
 def sync_config_shapes(adapter: Adapter) -> list[dict[str, int]]:
     """Write the blocks' shapes into the config; return them.
 
     Uniform shapes that the family's config can express go into the standard fields, so stock
-    ``transformers`` loads the model. Otherwise — shapes that differ between blocks, or fewer
-    heads in a family that derives the head width from ``hidden / heads`` (BERT, GPT-2,
-    OPT) — they are stored as ``slimformer_layer_shapes`` and :func:`reshape_blocks` rebuilds
-    the model (``slimformer.load_model`` does it).
+    ``transformers`` loads the model. Otherwise — shapes that differ between blocks, fewer heads
+    in a family that derives the head width from ``hidden / heads`` (BERT, GPT-2, OPT), or a
+    head count the config class refuses (Gemma 3 checks ``hidden % heads``) — they are stored
+    as ``slimformer_layer_shapes`` and :func:`reshape_blocks` rebuilds the model
+    (``slimformer.load_model`` does it) from standard fields every block can be cut from.
     """
     f, config = adapter.family, adapter.config
     hd = head_dim(adapter)
@@ -167,29 +183,33 @@ def sync_config_shapes(adapter: Adapter) -> list[dict[str, int]]:
     widest = {k: max(s[k] for s in shapes) for k in shapes[0]}
     uniform = all(s == shapes[0] for s in shapes)
     stock = uniform and (f.config_head_dim or widest["heads"] * hd == config.hidden_size)
-    # Standard fields: the shape itself when stock; else a shape every block can be cut from —
-    # the widest KV count times the largest group, and for families without config.head_dim the
-    # heads that keep hidden / heads equal to the head width.
-    kv = widest["kv_heads"]
-    if stock:
-        heads = widest["heads"]
-    elif f.config_head_dim:
-        heads = kv * max(s["heads"] // s["kv_heads"] for s in shapes)
-    else:
-        heads = kv = config.hidden_size // hd
-    setattr(config, f.heads_field, heads)
     if f.config_head_dim:
         config.head_dim = hd
-    if f.kv_heads_field:
-        setattr(config, f.kv_heads_field, kv)
     if f.intermediate_field:
         setattr(config, f.intermediate_field, widest["intermediate"])
     if stock:
-        if hasattr(config, "slimformer_layer_shapes"):
-            del config.slimformer_layer_shapes
-    else:
+        _set_heads(adapter, widest["heads"], widest["kv_heads"])
+        stock = not _refused(config)
+    if not stock:
+        # a shape every block can be cut from: the widest KV count times a group at least as large as
+        # every block's (grown until the config class accepts it); for families without
+        # config.head_dim, the heads that keep hidden / heads equal to the head width
+        kv = widest["kv_heads"] if f.config_head_dim else config.hidden_size // hd
+        group = max(s["heads"] // s["kv_heads"] for s in shapes) if f.config_head_dim else 1
+        _set_heads(adapter, kv * group, kv)
+        while _refused(config) and kv * group < config.hidden_size:
+            group += 1
+            _set_heads(adapter, kv * group, kv)
         config.slimformer_layer_shapes = shapes
+    elif hasattr(config, "slimformer_layer_shapes"):
+        del config.slimformer_layer_shapes
     return shapes
+
+
+def _set_heads(adapter: Adapter, heads: int, kv: int) -> None:
+    setattr(adapter.config, adapter.family.heads_field, heads)
+    if adapter.family.kv_heads_field:
+        setattr(adapter.config, adapter.family.kv_heads_field, kv)
 
 
 def reshape_blocks(adapter: Adapter, shapes: list[dict[str, int]]) -> None:

@@ -25,8 +25,8 @@ from slimformer.models.adapters import get_adapter
 from slimformer.search.pareto import plot_front
 from slimformer.search.space import Importance, SearchSpace, extract
 from slimformer.search.strategies import SearchResult
-from slimformer.search.structural import (SearchConfig, Stage1, check_max_length, decoder_search, encoder_search,
-                                          train_stage1)
+from slimformer.search.structural import (SearchConfig, Stage1, check_max_length, decoder_importance, decoder_search,
+                                          encoder_search, train_stage1)
 
 
 def config_from_args(args: argparse.Namespace) -> SearchConfig:
@@ -98,8 +98,14 @@ def run_search_job(model: str, task: str | None, config: SearchConfig, out: str 
         labels = ("relative parameters", f"1 − {glue_task(task).metrics[0]} (dev)")
     else:
         samples = calibration_samples(loaded.tokenizer, task, n=nsamples, seqlen=seqlen, seed=seed, bos=loaded.window_bos())
-        found = decoder_search(loaded.adapter, samples, config, storage=storage, progress=progress)
-        _save_importance(out / "importance.pt", found["importance"])
+        ranking = out / "importance.pt"
+        if ranking.exists():  # a resumed search ranks with what the first run computed
+            importance = _load_importance(ranking)
+        else:
+            importance = decoder_importance(loaded.adapter, samples, config, progress)
+            _save_importance(ranking, importance)
+        found = decoder_search(loaded.adapter, samples, config, storage=storage, progress=progress,
+                               importance=importance)
         result = found["result"]
         points = {"search": result.points()[:, :2].tolist()}
         extra = {}

@@ -313,11 +313,19 @@ def calibration_perplexity(model, samples: torch.Tensor) -> float:
     return math.exp(sum(losses) / len(losses))
 
 
-def decoder_search(adapter: Adapter, samples: torch.Tensor, config: SearchConfig, *, storage: Path | None = None,
-                   progress: bool = True, latency_input: torch.Tensor | None = None) -> dict:
-    """One-shot search for a decoder: importance and perplexity on calibration windows, no training."""
+def decoder_importance(adapter: Adapter, samples: torch.Tensor, config: SearchConfig,
+                       progress: bool = True) -> Importance:
+    """Mask-gradient importance of a decoder's heads and units on the first calibration windows."""
     rank = list(samples[: config.importance_batches].split(1))
-    importance = mask_gradient_importance(adapter, rank, lm_loss, progress=progress)
+    return mask_gradient_importance(adapter, rank, lm_loss, progress=progress)
+
+
+def decoder_search(adapter: Adapter, samples: torch.Tensor, config: SearchConfig, *, storage: Path | None = None,
+                   progress: bool = True, latency_input: torch.Tensor | None = None,
+                   importance: Importance | None = None) -> dict:
+    """One-shot search for a decoder: importance (unless given) and perplexity on calibration windows, no training."""
+    if importance is None:
+        importance = decoder_importance(adapter, samples, config, progress)
     space = SearchSpace(config.space, adapter, importance)
     objective = Objective(space, list(config.objectives), lambda subnet: calibration_perplexity(adapter.model, samples),
                           latency_input=latency_input if latency_input is not None else samples[:1])
