@@ -43,7 +43,7 @@ def one_run(method: str, pattern: str | None, propagate: str, windows: int, fine
     from slimformer.evaluation import perplexity
     from slimformer.methods import FinetuneConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig, apply, select_linears
     from slimformer.methods.pruning import overall_sparsity
-    from slimformer.pipeline import folder_size
+    from slimformer.evaluation import size_on_disk
 
     torch.set_num_threads(2)
     loaded = load_model("smollm2-135m")
@@ -58,8 +58,8 @@ def one_run(method: str, pattern: str | None, propagate: str, windows: int, fine
            "ppl": perplexity(loaded.model, ids, windows=windows, progress=False).perplexity}
     if method == "magnitude" and pattern is None:
         with tempfile.TemporaryDirectory() as tmp:
-            out["size_dense_bytes"] = folder_size(save_model(loaded.model, None, Path(tmp) / "dense"))
-            out["size_sparse_bytes"] = folder_size(save_model(loaded.model, None, Path(tmp) / "s", sparse="unstructured"))
+            out["size_dense_bytes"] = size_on_disk(save_model(loaded.model, None, Path(tmp) / "dense"))
+            out["size_sparse_bytes"] = size_on_disk(save_model(loaded.model, None, Path(tmp) / "s", sparse="unstructured"))
         if finetune_steps:
             ft = apply(loaded.adapter, FinetuneConfig(steps=finetune_steps, lr=1e-4, seqlen=512), samples)
             out.update(finetune_steps=finetune_steps, finetune_s=ft.seconds, finetune_loss=ft.summary,

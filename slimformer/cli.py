@@ -141,42 +141,49 @@ def _sparsity_table(layers: dict):
     return table
 
 
+def _one_step_recipe(args: argparse.Namespace, *steps, speed: bool):
+    """The recipe a compressing verb runs: its method (and recovery) on the flags' calibration and measurement."""
+    from slimformer.recipes import Calibration, Measure, Recipe
+
+    return Recipe(steps=steps, model=args.model, seed=args.seed, bos=args.bos,
+                  calibration=Calibration(args.calib, args.nsamples, args.seqlen),
+                  measure=Measure(ppl_windows=args.ppl_windows, speed=speed))
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune weights (magnitude, Wanda, SparseGPT), optionally fine-tune, and save the model."""
     from rich.console import Console
 
     from slimformer.methods import FinetuneConfig
-    from slimformer.pipeline import Calibration, CompressJob, run_compress
+    from slimformer.recipes import run_recipe
 
-    if not args.out and not args.sparse_out:
-        raise SlimformerError("give --out DIR (and/or --sparse-out DIR) for the pruned model")
-    finetune = FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, seqlen=args.finetune_seqlen,
-                              device=args.device) if args.finetune_steps else None
-    job = CompressJob(model=args.model, config=_method_config(args), finetune=finetune,
-                      calibration=Calibration(args.calib, args.nsamples, args.seqlen, args.seed),
-                      ppl_windows=args.ppl_windows, out=args.out, sparse_out=args.sparse_out,
-                      overwrite=args.overwrite, dtype=args.dtype, device=args.device, bos=args.bos)
-    report = run_compress(job)
+    finetune = (FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, seqlen=args.finetune_seqlen,
+                               device=args.device),) if args.finetune_steps else ()
+    recipe = _one_step_recipe(args, _method_config(args), *finetune, speed=False)
+    summary = run_recipe(recipe, args.out, overwrite=args.overwrite, dtype=args.dtype, sparse_out=args.sparse_out)
+    result = summary["steps"][0]["result"]
     console = Console()
-    console.print(_sparsity_table(report["result"]["layers"]))
-    summary = report["result"]
-    console.print(f"{summary['method']}: sparsity {100 * summary['summary']['sparsity']:.1f}% of "
-                  f"{summary['summary']['pruned_modules']} projections in {summary['seconds']:.1f} s, "
-                  f"peak RSS {summary['peak_rss_gib']:.2f} GiB")
-    _print_outcome(console, report, args)
+    console.print(_sparsity_table(result["layers"]))
+    console.print(f"{result['method']}: sparsity {100 * result['summary']['sparsity']:.1f}% of "
+                  f"{result['summary']['pruned_modules']} projections in {result['seconds']:.1f} s, "
+                  f"peak RSS {result['peak_rss_gib']:.2f} GiB")
+    _print_outcome(console, summary, args)
     return 0
 
 
-def _print_outcome(console, report: dict, args: argparse.Namespace) -> None:
-    """Perplexities before and after, sizes and output folders of a compression report."""
-    for key in ("ppl_before", "ppl_after", "ppl_after_finetune"):
-        if report.get(key) is not None:
-            console.print(f"{key.replace('_', ' ')}: {report[key]:.3f} ({args.ppl_windows} windows of WikiText-2 test)")
-    for kind, size in report["size_bytes"].items():
+def _print_outcome(console, summary: dict, args: argparse.Namespace) -> None:
+    """Perplexities before and after each step, sizes, and where the model and its report are."""
+    if args.ppl_windows:
+        on = f"{args.ppl_windows} windows of WikiText-2 test"
+        console.print(f"perplexity before: {summary['before']['ppl']:.3f} ({on})")
+        for step in summary["steps"]:
+            console.print(f"perplexity after {step['result']['method']}: {step['after']['ppl']:.3f} ({on})")
+    for kind, size in summary["steps"][-1]["after"]["size_bytes"].items():
         console.print(f"{kind} model: {size / 2**20:.1f} MiB")
-    for out in (args.out, getattr(args, "sparse_out", None)):
+    for out in (args.out, summary.get("sparse_out")):
         if out:
-            console.print(f"saved {out}")
+            print(f"saved {out}")  # paths unwrapped, whatever the terminal's width
+    print(f"report: {summary['report_html']}")
 
 
 def cmd_remove_blocks(args: argparse.Namespace) -> int:
@@ -184,21 +191,18 @@ def cmd_remove_blocks(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from slimformer.methods import SLEBConfig
-    from slimformer.pipeline import Calibration, CompressJob, run_compress
+    from slimformer.recipes import run_recipe
 
     config = SLEBConfig(blocks=args.blocks, ratio=args.ratio, criterion=args.method.replace("sleb", "iterative"),
                         protect=tuple(args.protect), batch_size=args.batch_size, device=args.device)
-    job = CompressJob(model=args.model, config=config,
-                      calibration=Calibration(args.calib, args.nsamples, args.seqlen, args.seed),
-                      ppl_windows=args.ppl_windows, out=args.out, overwrite=args.overwrite,
-                      dtype=args.dtype, device=args.device, bos=args.bos)
-    report = run_compress(job)
-    summary = report["result"]["summary"]
+    summary = run_recipe(_one_step_recipe(args, config, speed=True), args.out, overwrite=args.overwrite,
+                         dtype=args.dtype)
+    result = summary["steps"][0]["result"]
+    found = result["summary"]
     console = Console()
-    console.print(f"removed blocks {summary['removed']} (in the order chosen) in {report['result']['seconds']:.1f} s: "
-                  f"{summary['blocks_before']} → {summary['blocks_after']} blocks, "
-                  f"peak RSS {report['result']['peak_rss_gib']:.2f} GiB")
-    _print_outcome(console, report, args)
+    console.print(f"removed blocks {found['removed']} (in the order chosen) in {result['seconds']:.1f} s: "
+                  f"{found['blocks_before']} → {found['blocks_after']} blocks, peak RSS {result['peak_rss_gib']:.2f} GiB")
+    _print_outcome(console, summary, args)
     return 0
 
 
@@ -451,7 +455,7 @@ def _add_prune_parser(sub) -> None:
     p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--finetune-seqlen", type=int, default=512, help="crop samples to this length for fine-tuning")
     p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
-    p.add_argument("--out", default=None, help="folder for the pruned model (stock transformers loads it)")
+    p.add_argument("--out", required=True, help="folder for the pruned model (stock transformers loads it)")
     p.add_argument("--sparse-out", default=None, help="folder for a sparse-bitmask copy (smaller on disk)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
 

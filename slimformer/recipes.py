@@ -91,12 +91,14 @@ class Calibration:
 class Measure:
     """What is measured before the first step and after every step.
 
-    ``ppl_windows`` windows of 2048 tokens of WikiText-2 test (0: none); with ``speed``, the
-    prefill latency of ``prefill_tokens`` tokens and greedy decoding of ``new_tokens`` after
-    128 (medians of ``repeats``).
+    Perplexity on ``ppl_windows`` windows of ``ppl_seqlen`` tokens of ``ppl_source`` (0 windows:
+    none); with ``speed``, the prefill latency of ``prefill_tokens`` tokens and greedy decoding
+    of ``new_tokens`` after 128 (medians of ``repeats``).
     """
 
     ppl_windows: int = 8
+    ppl_source: str = "wikitext2:test"
+    ppl_seqlen: int = 2048
     speed: bool = True
     prefill_tokens: int = 512
     new_tokens: int = 32
@@ -240,7 +242,7 @@ class _Context:
 
     def test_ids(self) -> torch.Tensor:
         if self._test_ids is None:
-            self._test_ids = tokenize(self.loaded.tokenizer, load_text("wikitext2:test"))
+            self._test_ids = tokenize(self.loaded.tokenizer, load_text(self.recipe.measure.ppl_source))
         return self._test_ids
 
     def measure(self, checkpoint: Path | None = None) -> dict:
@@ -248,7 +250,7 @@ class _Context:
         m, model = self.recipe.measure, self.loaded.model
         out: dict[str, Any] = {}
         if m.ppl_windows:
-            out["ppl"] = perplexity(model, self.test_ids(), windows=m.ppl_windows, bos=self.bos,
+            out["ppl"] = perplexity(model, self.test_ids(), seqlen=m.ppl_seqlen, windows=m.ppl_windows, bos=self.bos,
                                     progress=False).perplexity
         ids = self.test_ids()[:, : m.prefill_tokens]
         costs = measure_costs({"model": model}, ids, repeats=m.repeats, new_tokens=m.new_tokens,
@@ -318,18 +320,24 @@ def work_folder(out: Path) -> Path:
 
 
 def run_recipe(recipe: str | Path | dict | Recipe, out: str | Path, *, model: str | None = None,
-               overwrite: bool = False, progress: bool = True) -> dict:
+               overwrite: bool = False, progress: bool = True, dtype: str = "float32",
+               sparse_out: str | Path | None = None) -> dict:
     """Run a recipe into ``out`` (see the module docstring); resume an interrupted run of the same recipe.
 
+    The model is loaded in ``dtype``. ``sparse_out`` also writes the final model in the
+    compressed-tensors sparse-bitmask layout there (smaller on disk for a pruned model).
     Returns the summary also written as ``out/run.json``, with the paths of the report.
     """
     recipe = load_recipe(recipe)
     if model:
         recipe = dataclasses.replace(recipe, model=model)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise SlimformerError(f"output '{out}' exists; choose another path or pass --overwrite")
+    for target in (out, sparse_out):
+        if target is not None and Path(target).exists() and not overwrite:
+            raise SlimformerError(f"output '{target}' exists; choose another path or pass --overwrite")
     load_text(recipe.calibration.source)  # a missing data source fails before the model loads
+    if recipe.measure.ppl_windows:
+        load_text(recipe.measure.ppl_source)
     work = work_folder(out)
     state_path, checkpoint = work / "state.json", work / "model"
     state = json.loads(state_path.read_text()) if state_path.exists() else None
@@ -340,7 +348,7 @@ def run_recipe(recipe: str | Path | dict | Recipe, out: str | Path, *, model: st
         shutil.rmtree(work)
         state = None
     resumed = state is not None and state["done"] > 0
-    loaded = load_model(str(checkpoint) if resumed else recipe.model)
+    loaded = load_model(str(checkpoint) if resumed else recipe.model, dtype=dtype)
     _check_steps(recipe, loaded.adapter.family.kind)
     ctx = _Context(recipe, loaded, progress)
     if state is None:
@@ -350,30 +358,43 @@ def run_recipe(recipe: str | Path | dict | Recipe, out: str | Path, *, model: st
         write_json(state_path, state)
     elif resumed:
         print(f"resuming after step {state['done']} of {len(recipe.steps)} ({work})")
-    for i, step in enumerate(recipe.steps):
-        if i < state["done"]:
-            continue
-        if progress:
-            print(f"step {i + 1}/{len(recipe.steps)}: {step.method}")
-        result = _run_step(ctx, i, step)
-        save_model(loaded.model, loaded.tokenizer, checkpoint, overwrite=True)
-        state["steps"].append({"result": result, "after": ctx.measure(checkpoint)})
-        state["done"] = i + 1
-        write_json(state_path, state)  # the step is finished only once this is written
-    summary = _finish(recipe, state, ctx, out, overwrite)
+    try:
+        for i, step in enumerate(recipe.steps):
+            if i < state["done"]:
+                continue
+            if progress:
+                print(f"step {i + 1}/{len(recipe.steps)}: {step.method}")
+            result = _run_step(ctx, i, step)
+            save_model(loaded.model, loaded.tokenizer, checkpoint, overwrite=True)
+            state["steps"].append({"result": result, "after": ctx.measure(checkpoint)})
+            state["done"] = i + 1
+            write_json(state_path, state)  # the step is finished only once this is written
+    except BaseException:
+        if state["done"] == 0:  # nothing finished that a rerun could resume from: leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    summary = _finish(recipe, state, ctx, out, overwrite, dtype)
+    if sparse_out is not None:
+        pattern = next((getattr(s, "pattern", None) for s in reversed(recipe.steps) if getattr(s, "pattern", None)), None)
+        save_model(loaded.model, loaded.tokenizer, sparse_out, overwrite=overwrite, sparse=pattern or "unstructured")
+        summary["sparse_out"] = str(sparse_out)
     shutil.rmtree(work, ignore_errors=True)
     return summary
 
 
-def _finish(recipe: Recipe, state: dict, ctx: _Context, out: Path, overwrite: bool) -> dict:
+def _finish(recipe: Recipe, state: dict, ctx: _Context, out: Path, overwrite: bool, dtype: str) -> dict:
     """Write the output folder in one rename: the model, per-step figures, the side-by-side comparison, the report."""
     loaded = ctx.loaded
-    original = load_model(recipe.model).model
+    original = load_model(recipe.model, dtype=dtype).model
     m = recipe.measure
     ids = ctx.test_ids()[:, : m.prefill_tokens]
     comparison = measure_costs({"original": original, "compressed": loaded.model}, ids, repeats=max(m.repeats, 3),
                                new_tokens=m.new_tokens, decode=m.speed)
     del original
+    sizes = {"original": min(state["before"]["size_bytes"].values()),
+             "compressed": min((state["steps"][-1]["after"] if state["steps"] else state["before"])["size_bytes"].values())}
+    for name, size in sizes.items():  # the smallest stored format of each, beside its speed
+        comparison["models"][name]["size_bytes"] = size
     with atomic_dir(out, overwrite=overwrite) as tmp:
         loaded.model.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
@@ -383,7 +404,8 @@ def _finish(recipe: Recipe, state: dict, ctx: _Context, out: Path, overwrite: bo
             doc = {"model": recipe.model, "step": i + 1, "result": result, "measure_before": previous,
                    "measure_after": after}
             if "ppl" in previous and "ppl" in after:
-                doc.update(ppl_before=previous["ppl"], ppl_after=after["ppl"])
+                doc.update(ppl_before=previous["ppl"], ppl_after=after["ppl"], ppl_source=m.ppl_source,
+                           ppl_windows=m.ppl_windows, ppl_seqlen=m.ppl_seqlen)
             if "size_bytes" in after:
                 doc.update(size_bytes=after["size_bytes"], size_bytes_before=min(previous["size_bytes"].values()))
             name = f"{i + 1:02d}-{result['method'] if 'method' in result else 'step'}"
@@ -392,7 +414,7 @@ def _finish(recipe: Recipe, state: dict, ctx: _Context, out: Path, overwrite: bo
                         doc | ({"perplexity": result.get("perplexity", {})} if result.get("method") == "eval" else {}))
             previous = after
         write_json(tmp / "eval.json", {"model": recipe.model, "costs": comparison, "machine": machine_info()})
-        build_report(tmp)
+        build_report(tmp, folder=out)
         report = json.loads((tmp / "report.json").read_text())
         summary = {"recipe": recipe.to_dict(), "before": state["before"], "steps": state["steps"],
                    "comparison": comparison, "before_after": report.get("before_after", []),

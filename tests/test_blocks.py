@@ -197,11 +197,12 @@ def test_cli_remove_blocks(saved_four, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["remove-blocks", str(path), "--method", "sleb", "--blocks", "2", "--calib", str(text),
                  "--nsamples", "2", "--seqlen", "16", "--out", str(out)]) == 0
-    report = json.loads((out / "slimformer.json").read_text())
+    report = json.loads((out / "steps" / "01-sleb" / "slimformer.json").read_text())
     removed = report["result"]["summary"]["removed"]
     assert len(removed) == 2 and 0 not in removed and 3 not in removed
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
-    assert "removed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "removed" in printed and f"report: {out / 'report.html'}" in printed
     html = json.loads((out / "report.json").read_text())["steps"][0]["block_scores"]
     assert len(html["rounds"]) == 2 and (out / "report.html").stat().st_size > 10_000  # the scores' plot
 

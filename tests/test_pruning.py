@@ -223,9 +223,11 @@ def test_cli_prune_writes_dense_and_sparse_models(saved_tiny, tmp_path, capsys):
     assert code == 0
     stdout = capsys.readouterr().out
     assert "sparsity per layer" in stdout and "down_proj" in stdout
-    report = json.loads((out / "slimformer.json").read_text())
+    assert f"report: {out / 'report.html'}" in stdout
+    report = json.loads((out / "steps" / "01-sparsegpt" / "slimformer.json").read_text())
     assert report["result"]["summary"]["sparsity"] == pytest.approx(0.5, abs=0.01)
     assert report["size_bytes"]["sparse-bitmask"] < report["size_bytes"]["dense"]
+    assert (out / "steps" / "02-finetune" / "slimformer.json").is_file()
     assert "sparsity_grid" in json.loads((out / "report.json").read_text())["steps"][0]
     stock = AutoModelForCausalLM.from_pretrained(out)
     ids = random_ids(1, 10)

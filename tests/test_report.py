@@ -46,7 +46,7 @@ def wanda_run() -> dict:
     layers = {f"model.layers.{b}.{p}": {"sparsity": 0.5 if "mlp" in p else 0.25 + 0.01 * b, "shape": [8, 8]}
               for b in range(7) for p in PROJECTIONS}
     layers["lm_head"] = {"sparsity": 0.0, "shape": [8, 8]}
-    return {"model": "tiny-llama", "ppl_before": 30.0, "ppl_after": 60.0, "ppl_after_finetune": 40.0,
+    return {"model": "tiny-llama", "ppl_windows": 4, "ppl_before": 30.0, "ppl_after": 60.0, "ppl_after_finetune": 40.0,
             "result": {"method": "wanda", "config": {"method": "wanda", "sparsity": 0.5, "pattern": "2:4"},
                        "seconds": 3.0, "peak_rss_gib": 1.2, "layers": layers,
                        "summary": {"sparsity": 0.5, "pruned_modules": 49}},
@@ -88,9 +88,10 @@ def test_report_merges_steps_search_and_eval(tmp_path):
     assert "step10/sparse/slimformer.json" in report["read"]  # identical copy: read, counted once
     assert report["skipped"][0]["file"] == "broken/slimformer.json" and "JSON" in report["skipped"][0]["reason"]
     rows = {r["metric"]: r for r in report["before_after"]}
-    assert rows["perplexity"] == {"key": "quality", "metric": "perplexity", "before": 20.0, "after": 60.0,
+    ppl = "perplexity (4 × 2048-token windows)"  # the metric says what it was measured on
+    assert rows[ppl] == {"key": "quality", "metric": ppl, "before": 20.0, "after": 60.0,
                                   "change": 3.0}
-    assert rows["perplexity after fine-tune"]["after"] == 40.0
+    assert rows[f"{ppl} after fine-tune"]["after"] == 40.0
     assert rows["parameters (non-zero)"]["before"] == 1_000_000 and rows["parameters (non-zero)"]["after"] == 420_000
     assert rows["size on disk (smallest format)"]["before"] == 10_000_000
     assert rows["size on disk (smallest format)"]["after"] == 4_500_000
@@ -100,7 +101,8 @@ def test_report_merges_steps_search_and_eval(tmp_path):
     assert qvs["x"] == "nonzero_params"
     assert [(p["x"], p["y"]) for p in qvs["points"]] == [(1e6, 20.0), (720_000, 30.0), (420_000, 60.0), (420_000, 40.0)]
     grid = report["steps"][1]["sparsity_grid"]
-    assert grid["blocks"] == list(range(7)) and grid["projections"] == list(PROJECTIONS)  # lm_head left out
+    # numbered as in the original 10-block model, from which blocks 2, 4 and 6 were removed; lm_head left out
+    assert grid["blocks"] == [0, 1, 3, 5, 7, 8, 9] and grid["projections"] == list(PROJECTIONS)
     assert grid["values"][3][0] == pytest.approx(0.28) and grid["values"][3][6] == 0.5
     scores = report["steps"][0]["block_scores"]
     assert [r["removed"] for r in scores["rounds"]] == [[4], [6], [2]]
@@ -161,7 +163,7 @@ def test_fields_of_the_wrong_type_are_ignored(tmp_path):
     write(tmp_path / "search.json", {"trials": [5, {"values": "x"}], "baseline": {"points": 3}})
     report = json.loads(build_report(tmp_path)[0].read_text(), parse_constant=lambda name: pytest.fail(name))
     step = report["steps"][0]
-    assert step["quality"] == {"metric": "perplexity", "before": 30.0, "after": 60.0}
+    assert step["quality"] == {"metric": "perplexity (4 × 2048-token windows)", "before": 30.0, "after": 60.0}
     assert step["removed"] == [1] and step["config"] == {"method": "wanda", "sparsity": None}
     assert not {"sparsity_grid", "block_scores", "size_bytes", "costs", "sparsity"} & set(step)
     assert report["skipped"] == [{"file": "search.json", "reason": "no figures that a search.json holds"}]
@@ -181,24 +183,34 @@ def test_a_folder_with_nothing_readable_is_an_error(tmp_path, files):
 def test_report_of_real_compression_runs(saved_tiny, tmp_path):
     from slimformer.methods.blocks import SLEBConfig
     from slimformer.methods.pruning import MagnitudeConfig
-    from slimformer.pipeline import Calibration, CompressJob, run_compress
+    from slimformer.recipes import Calibration, Measure, Recipe, run_recipe
 
     path, text = saved_tiny
-    calibration = Calibration(source=f"text:{text}", n=2, seqlen=16)
+    calibration = Calibration(source=f"text:{text}", nsamples=2, seqlen=16)
+    measure = Measure(ppl_windows=2, ppl_source=f"text:{text}", ppl_seqlen=32, speed=False, prefill_tokens=16)
     run = tmp_path / "run"
-    run_compress(CompressJob(str(path), MagnitudeConfig(sparsity=0.5), calibration,
-                             out=str(run / "1-prune" / "dense"), sparse_out=str(run / "1-prune" / "sparse")))
-    run_compress(CompressJob(str(run / "1-prune" / "dense"), SLEBConfig(blocks=1, protect=(0,)), calibration,
-                             out=str(run / "2-sleb")))
-    report = json.loads(build_report(run)[0].read_text())
-    prune, sleb = report["steps"]
-    assert len(report["read"]) == 3 and prune["method"] == "magnitude" and sleb["method"] == "sleb"
-    assert prune["sparsity_grid"]["blocks"] == [0, 1, 2] and len(prune["sparsity_grid"]["projections"]) == 7
+    recipe = Recipe(steps=(SLEBConfig(blocks=1, protect=(0,)), MagnitudeConfig(sparsity=0.5)), model=str(path),
+                    calibration=calibration, measure=measure)
+    summary = run_recipe(recipe, run, progress=False)
+    report = json.loads((run / "report.json").read_text())
+    sleb, prune = report["steps"]
+    assert prune["method"] == "magnitude" and sleb["method"] == "sleb"
+    assert report["run_dir"] == str(run)  # the folder the user asked for, not the one it was written in
+    # the pruned model has 2 blocks; the grid numbers them as in the original model
+    kept = [b for b in range(3) if b not in sleb["removed"]]
+    assert prune["sparsity_grid"]["blocks"] == kept and len(prune["sparsity_grid"]["projections"]) == 7
+    assert prune["sparsity_grid"]["block_label"] == "block (numbered as in the original model)"
     assert np.allclose(prune["sparsity_grid"]["values"], 0.5)
     assert set(prune["size_bytes"]) == {"dense", "sparse-bitmask"}
     first_round = sleb["block_scores"]["rounds"][0]
     assert first_round["blocks"] == [1, 2] and first_round["removed"] == sleb["removed"]
-    assert {r["metric"]: r["after"] for r in report["before_after"]}["blocks"] == 2
+    rows = {r["metric"]: r for r in report["before_after"]}
+    assert rows["blocks"]["after"] == 2
+    assert f"perplexity (text:{text}, 2 × 32-token windows)" in rows
+    page = (run / "report.html").read_text()
+    assert f"<code>{run}</code>" in page and ".run." not in page
+    evaluations = report["evaluations"][0]["costs"]
+    assert evaluations["compressed"]["size_bytes"] == min(summary["steps"][-1]["after"]["size_bytes"].values())
 
 
 def _chromium() -> str | None:

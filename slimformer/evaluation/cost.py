@@ -69,7 +69,7 @@ def _attention_context(config, block: int, seq_len: int) -> int:
     return min(seq_len, window)
 
 
-def flops_per_token(model: nn.Module, seq_len: int) -> int:
+def flops_per_token(model: nn.Module, seq_len: int, *, fractions: list[dict[str, float] | None] | None = None) -> float:
     """Forward FLOPs of one token with ``seq_len`` tokens of context, causal LM or encoder.
 
     ``2 × W`` for every Linear (or GPT-2 Conv1D) weight matrix of ``W`` elements that each
@@ -82,17 +82,29 @@ def flops_per_token(model: nn.Module, seq_len: int) -> int:
     counted: dense kernels multiply them too. For a causal LM this is the cost of the token
     at position ``seq_len`` (a decode step with that much cache); a prefill of ``seq_len``
     tokens averages about half the attention term.
+
+    ``fractions`` counts a sub-network without cutting it out (the one FLOP count of the search
+    and of measurement): per block, the kept fraction of each projection's outputs by role
+    (``q``, ``k``, ``v``, ``qkv``, ``o``, ``gate``, ``up``, ``down``) and of its ``heads``, or
+    None for a dropped block.
     """
     if seq_len < 1:
         raise SlimformerError(f"seq_len must be at least 1, not {seq_len}")
-    flops = 0
+    adapter = get_adapter(model)
+    roles = {id(m): (b, role) for b, block in enumerate(adapter.blocks) for role, m in adapter.linears(block).items()}
+    flops = 0.0
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, Conv1D)) and not any(p in name.split(".") for p in _PER_SEQUENCE):
-            flops += 2 * weight_matrix(module).numel()
-    adapter = get_adapter(model)
+            share = 1.0
+            if fractions is not None and id(module) in roles:
+                b, role = roles[id(module)]
+                share = 0.0 if fractions[b] is None else fractions[b][role]
+            flops += 2 * weight_matrix(module).numel() * share
     hd = head_dim(adapter)
     for b, block in enumerate(adapter.blocks):
-        heads = block_shape(adapter, block)["heads"]
+        if fractions is not None and fractions[b] is None:
+            continue
+        heads = block_shape(adapter, block)["heads"] * (1.0 if fractions is None else fractions[b]["heads"])
         flops += 2 * 2 * _attention_context(adapter.config, b, seq_len) * heads * hd
     return flops
 

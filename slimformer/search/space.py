@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import SlimformerError
+from slimformer.evaluation.cost import flops_per_token as cost_flops
 from slimformer.models.adapters import Adapter, get_adapter, weight_matrix
 from slimformer.models.surgery import block_shape, head_dim, remove_blocks, shrink_heads, shrink_neurons, sync_config_shapes
 
@@ -360,21 +361,19 @@ def count_params(adapter: Adapter, subnet: Subnet | None = None) -> int:
 
 
 def flops_per_token(adapter: Adapter, subnet: Subnet | None = None, seq_len: int = 128) -> float:
-    """Forward FLOPs per token: 2 × the block projections' weights, plus attention over ``seq_len`` tokens, plus the head."""
-    hd, flops = head_dim(adapter), 0.0
+    """Forward FLOPs per token of the model as ``subnet`` would be after extraction (see
+    :func:`slimformer.evaluation.cost.flops_per_token`, which this counts with, sliding windows included)."""
+    if subnet is None:
+        return cost_flops(adapter.model, seq_len)
+    fractions: list[dict[str, float] | None] = []
     for b, block in enumerate(adapter.blocks):
-        shape, lin = block_shape(adapter, block), adapter.linears(block)
-        if subnet is not None and subnet.heads[b] is None:
+        if subnet.heads[b] is None:
+            fractions.append(None)
             continue
-        heads = shape["heads"] if subnet is None else len(subnet.heads[b])
-        hf = heads / shape["heads"]
-        uf = 1.0 if subnet is None else len(subnet.units[b]) / shape["intermediate"]
+        shape = block_shape(adapter, block)
+        hf = len(subnet.heads[b]) / shape["heads"]
+        uf = len(subnet.units[b]) / shape["intermediate"]
         group = shape["heads"] // shape["kv_heads"]
-        kvf = 1.0 if subnet is None else len({h // group for h in subnet.heads[b]}) / shape["kv_heads"]
-        fracs = {"q": hf, "k": kvf, "v": kvf, "qkv": hf, "o": hf, "gate": uf, "up": uf, "down": uf}
-        flops += sum(2 * weight_matrix(m).numel() * fracs[r] for r, m in lin.items())
-        flops += 2 * 2 * seq_len * heads * hd  # scores and weighted values
-    head = adapter.head
-    if head is not None:
-        flops += 2 * head.weight.numel()
-    return flops
+        kvf = len({h // group for h in subnet.heads[b]}) / shape["kv_heads"]
+        fractions.append({"q": hf, "k": kvf, "v": kvf, "qkv": hf, "o": hf, "gate": uf, "up": uf, "down": uf, "heads": hf})
+    return cost_flops(adapter.model, seq_len, fractions=fractions)

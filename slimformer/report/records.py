@@ -1,52 +1,20 @@
-"""The run report: a run folder's figures merged into ``report.json``, and a self-contained ``report.html`` with plots.
-
-What is read (every field is optional; a section whose data is missing is left out):
-
-- ``slimformer.json`` anywhere under the folder, one per compression step, in natural path
-  order (``step2`` before ``step10``); identical copies (the dense and the sparse output of
-  one run) count once. Fields: ``model``; ``ppl_before``, ``ppl_after``,
-  ``ppl_after_finetune`` (or ``accuracy_*``); ``size_bytes`` {format: bytes} of the output
-  and ``size_bytes_before``; ``result`` (a ``MethodResult``: ``method``, ``config``,
-  ``seconds``, ``peak_rss_gib``, ``layers`` {module: {sparsity}}, ``summary`` with
-  ``sparsity``, ``blocks_before``, ``blocks_after``, ``removed``, ``rounds``
-  [{block: score}], ``dense_loss``); and ``costs`` (the output of
-  :func:`slimformer.evaluation.cost.measure_costs`) or ``speed`` ({name: {prefill_s,
-  decode_tok_s, ...}}), whose first model is the one before and last the one after.
-- ``search.json``: ``objectives``, ``trials`` [{number, params, values}], ``pareto``
-  (positions in ``trials``; computed when absent), ``hypervolume``, and ``baseline``
-  {``points`` [[x, y]] in plot coordinates — the size-like objective, then ``error`` —, ``label``}.
-- ``eval.json``: ``model``, ``perplexity`` {source: {perplexity, windows, seqlen,
-  tokens_per_s}}, ``costs``.
-
-A file that is not a JSON object, or holds none of these figures, is listed under
-``skipped``; a folder where nothing is readable is an error. ``report.json`` holds ``read``,
-``skipped``, ``model``, ``steps`` (one per compression step, with its sparsity grid and
-block scores), ``before_after`` (rows from the first step's "before" to the last step's
-"after"), ``quality_vs_size``, ``searches`` and ``evaluations`` — keys only where there is data.
-"""
+"""Reading a run folder: every step, search and evaluation record merged into the figures ``report.json`` holds."""
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 import re
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter, PercentFormatter
 
 from slimformer.errors import SlimformerError
-from slimformer.files import write_text
 
 _COST_KEYS = ("params", "nonzero_params", "flops_per_token", "size_bytes",
               "prefill_s", "decode_tok_s", "generate_tok_s")
 _QUALITY = (("perplexity", "ppl"), ("accuracy", "accuracy"))  # (name, key prefix in slimformer.json)
-_ROWS = {  # before/after rows: key -> label
+ROWS = {  # before/after rows: key -> label
     "nonzero_params": "parameters (non-zero)",
     "params": "parameters (all)",
     "size_bytes": "size on disk (smallest format)",
@@ -61,20 +29,6 @@ _SIZE_AXES = {  # quality-vs-size x axis, in order of preference
     "kept_fraction": "weights kept (targeted weights × blocks)",
 }
 _BLOCK_MODULE = re.compile(r"^(?:.*?\.)?(\d+)\.(.+)$")  # "model.layers.3.self_attn.q_proj" -> 3, "self_attn.q_proj"
-
-
-def build_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Read a run folder and write ``report.json`` and ``report.html`` into it (atomically); return their paths."""
-    run_dir = Path(run_dir)
-    report = read_run(run_dir)
-    page = render_html(report)  # before writing anything: a failing plot leaves the old pair untouched
-    json_path, html_path = run_dir / "report.json", run_dir / "report.html"
-    write_text(json_path, json.dumps(report, indent=2) + "\n")
-    write_text(html_path, page)
-    return json_path, html_path
-
-
-# --- reading -------------------------------------------------------------------------------------
 
 
 def _num(value) -> float | None:
@@ -139,10 +93,15 @@ def _costs(doc: dict) -> dict[str, dict] | None:
 
 
 def _quality(doc: dict) -> dict | None:
+    """Quality before and after a step, the metric named with its data (``perplexity (wikitext2:test, 8 × 2048)``)."""
     for name, prefix in _QUALITY:
         found = {stage: _num(doc.get(f"{prefix}_{stage}")) for stage in ("before", "after", "after_finetune")}
         if any(v is not None for v in found.values()):
-            return _clean({"metric": name, **found})
+            source, windows, seqlen = doc.get(f"{prefix}_source"), _num(doc.get(f"{prefix}_windows")), \
+                _num(doc.get(f"{prefix}_seqlen"))
+            on = ", ".join(([source] if isinstance(source, str) else [])
+                           + ([f"{windows:.0f} × {seqlen or 2048:.0f}-token windows"] if windows else []))
+            return _clean({"metric": f"{name} ({on})" if on else name, **found})
     return None
 
 
@@ -205,7 +164,7 @@ def _step(doc: dict, rel: str) -> dict | None:
     return {"file": rel, **({"model": model} if isinstance(model, str) else {}), **step}
 
 
-def _nondominated(points: np.ndarray) -> list[int]:
+def nondominated(points: np.ndarray) -> list[int]:
     return [i for i, p in enumerate(points) if not np.any(np.all(points <= p, axis=1) & np.any(points < p, axis=1))]
 
 
@@ -225,7 +184,7 @@ def _search(doc: dict, rel: str) -> dict | None:
     objectives = [str(o) for o in _list(doc.get("objectives"))]
     objectives = objectives if len(objectives) == m else [f"objective {j + 1}" for j in range(m)]
     given = [kept[i] for i in _list(doc.get("pareto")) if isinstance(i, int) and i in kept]
-    pareto = given if "pareto" in doc else _nondominated(np.array([t["values"] for t in trials]))
+    pareto = given if "pareto" in doc else nondominated(np.array([t["values"] for t in trials]))
     baseline = _dict(doc.get("baseline"))
     points = [[float(v) for v in p] for p in map(_list, _list(baseline.get("points")))
               if len(p) == 2 and None not in map(_num, p)]
@@ -275,6 +234,7 @@ def read_run(run_dir: str | Path) -> dict:
             read.append(rel)
             found[name].append(entry)
     steps, searches, evaluations = found.values()
+    _number_blocks_as_originally(steps)
     if not (steps or searches or evaluations):
         raise SlimformerError(f"nothing readable in run folder {run_dir}: no slimformer.json, search.json or eval.json "
                               "with figures" + (f" ({len(skipped)} skipped)" if skipped else ""))
@@ -286,7 +246,24 @@ def read_run(run_dir: str | Path) -> dict:
     })
 
 
-# --- merging -------------------------------------------------------------------------------------
+# -- merging ------------------------------------------------------------------------------------
+
+
+def _number_blocks_as_originally(steps: list[dict]) -> None:
+    """Label each sparsity grid's blocks with their numbers in the model before any block was removed.
+
+    A step after block removal numbers the blocks of the shallower model; the block charts
+    use the original numbers, so the grids follow them and say so.
+    """
+    kept: list[int] | None = None
+    for step in steps:
+        grid = step.get("sparsity_grid")
+        if grid and kept is not None:
+            grid["blocks"] = [kept[b] if b < len(kept) else b for b in grid["blocks"]]
+            grid["block_label"] = "block (numbered as in the original model)"
+        if step.get("removed") and step.get("blocks_before"):
+            kept = kept if kept is not None else list(range(int(step["blocks_before"])))
+            kept = [k for i, k in enumerate(kept) if i not in set(step["removed"])]
 
 
 def _row(key: str, metric: str, before, after) -> dict | None:
@@ -319,7 +296,7 @@ def _before_after(steps: list[dict], evaluations: list[dict]) -> list[dict]:
         rows.append(_row("quality", q1.get("metric", ""), q0.get("before"), q1.get("after")))
         if "after_finetune" in q1:
             rows.append(_row("quality", f"{q1['metric']} after fine-tune", q0.get("before"), q1["after_finetune"]))
-    for key, label in _ROWS.items():
+    for key, label in ROWS.items():
         before, after = start.get(key), end.get(key)
         if key == "size_bytes":
             before = first.get("size_bytes_before", before)
@@ -334,7 +311,7 @@ def _before_after(steps: list[dict], evaluations: list[dict]) -> list[dict]:
     return [r for r in rows if r]
 
 
-def _step_label(step: dict) -> str:
+def step_label(step: dict) -> str:
     """A short name of a compression step, e.g. ``wanda 50% 2:4`` or ``sleb −6 blocks``."""
     config = step.get("config", {})
     parts = [str(step.get("method", "step"))]
@@ -367,7 +344,7 @@ def _quality_vs_size(steps: list[dict]) -> dict | None:
             blocks *= step["blocks_after"] / step["blocks_before"]
         weights = 1 - step["sparsity"] if "sparsity" in step else weights
         end_costs = list(step.get("costs", {}).values())[-1:] or [{}]
-        point = {"label": _step_label(step), "y": step.get("quality", {}).get("after"),
+        point = {"label": step_label(step), "y": step.get("quality", {}).get("after"),
                  "kept_fraction": blocks * weights if known and points[-1]["kept_fraction"] is not None else None,
                  "nonzero_params": end_costs[0].get("nonzero_params"),
                  "size_bytes": _smallest(step.get("size_bytes")) or end_costs[0].get("size_bytes")}
@@ -382,219 +359,3 @@ def _quality_vs_size(steps: list[dict]) -> dict | None:
             "points": [{"label": p["label"], "x": p[axis], "y": p["y"]} for p in points]}
 
 
-# --- plots ---------------------------------------------------------------------------------------
-
-
-def _figure(width: float = 7.0, height: float = 4.2) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)  # Agg, without pyplot's global state
-    return fig
-
-
-def _png(fig: Figure) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def plot_quality_vs_size(figures: dict) -> str:
-    """Quality against size, an arrow from each point to the next; a base64 PNG."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    xs, ys = [p["x"] for p in figures["points"]], [p["y"] for p in figures["points"]]
-    ax.plot(xs, ys, color="0.6", zorder=1)
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": "0.4"})
-    ax.scatter(xs, ys, color=[f"C{i % 10}" for i in range(len(xs))], zorder=2)
-    for p in figures["points"]:
-        ax.annotate(p["label"], (p["x"], p["y"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    if min(ys) > 0 and max(ys) / min(ys) > 10:
-        ax.set_yscale("log")
-    formatter = {"kept_fraction": PercentFormatter(1.0), "size_bytes": EngFormatter(unit="B")}
-    ax.xaxis.set_major_formatter(formatter.get(figures["x"], EngFormatter()))
-    ax.set_xlabel(figures["x_label"])
-    ax.set_ylabel(figures["metric"])
-    ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-def plot_sparsity(grid: dict) -> str:
-    """Heat map of sparsity, blocks × projections; a base64 PNG."""
-    values = np.array([[np.nan if v is None else v for v in row] for row in grid["values"]], dtype=float)
-    fig = _figure(7.0, max(2.5, 0.22 * len(grid["blocks"]) + 1.6))
-    ax = fig.add_subplot()
-    image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-    ax.set_xticks(range(len(grid["projections"])), grid["projections"], rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(grid["blocks"])), [str(b) for b in grid["blocks"]], fontsize=8)
-    ax.set_ylabel("block")
-    if values.size <= 200:
-        for (i, j), v in np.ndenumerate(values):
-            if not np.isnan(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
-    fig.colorbar(image, ax=ax, label="sparsity")
-    return _png(fig)
-
-
-def plot_block_scores(scores: dict) -> str:
-    """One line per round of block removal, the removed block(s) ringed; a base64 PNG."""
-    fig = _figure()
-    ax = fig.add_subplot()
-    for i, r in enumerate(scores["rounds"]):
-        color = f"C{i % 10}"
-        ax.plot(r["blocks"], r["scores"], marker=".", color=color, label=f"round {i + 1}")
-        at = {b: s for b, s in zip(r["blocks"], r["scores"])}
-        hits = [b for b in r["removed"] if b in at]
-        ax.scatter(hits, [at[b] for b in hits], s=90, facecolors="none", edgecolors=color, linewidths=1.5, zorder=3)
-    if "dense_loss" in scores:
-        ax.axhline(scores["dense_loss"], color="0.3", linestyle="--", linewidth=1, label="dense model")
-    ax.set_xlabel("candidate block (o = removed)")
-    ax.set_ylabel(scores["score"])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(scores["rounds"]) > 8 else 1)
-    return _png(fig)
-
-
-def _pareto_axes(objectives: list[str]) -> tuple[int, int]:
-    """Which objectives are x and y: error on y against the first size-like one, else the first two."""
-    if "error" in objectives:
-        y = objectives.index("error")
-        return next(i for i in range(len(objectives)) if i != y), y
-    return 0, 1
-
-
-def plot_pareto(search: dict) -> str:
-    """Every trial faint, the Pareto set highlighted (a step line for two objectives), the baseline's front; PNG."""
-    x, y = _pareto_axes(search["objectives"])
-    values = np.array([t["values"] for t in search["trials"]], dtype=float)
-    front = values[search.get("pareto", [])]
-    fig = _figure()
-    ax = fig.add_subplot()
-    ax.scatter(values[:, x], values[:, y], s=14, color="C0", alpha=0.4, linewidths=0, label="trials")
-    if len(front):
-        ordered = front[np.argsort(front[:, x], kind="stable")]
-        ax.scatter(ordered[:, x], ordered[:, y], s=30, color="C3", zorder=3, label="Pareto set")
-        if values.shape[1] == 2:
-            ax.step(ordered[:, x], ordered[:, y], where="post", color="C3")
-    if "baseline" in search:
-        points = np.array(search["baseline"]["points"], dtype=float)
-        points = points[_nondominated(points)]
-        points = points[np.argsort(points[:, 0], kind="stable")]
-        ax.step(points[:, 0], points[:, 1], where="post", color="C2", marker="s", markersize=4,
-                label=search["baseline"]["label"])
-    ax.set_xlabel(search["objectives"][x])
-    ax.set_ylabel(search["objectives"][y])
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _png(fig)
-
-
-# --- HTML ----------------------------------------------------------------------------------------
-
-_CSS = """
-body { font-family: system-ui, sans-serif; color: #222; max-width: 1080px; margin: 2rem auto; padding: 0 1rem; }
-h1 { font-size: 1.6rem; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2rem; margin-top: 2rem; }
-table { border-collapse: collapse; margin: .6rem 0; font-size: .9rem; }
-th, td { border: 1px solid #ccc; padding: .25rem .6rem; text-align: left; }
-th { background: #f3f3f3; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
-img { max-width: 100%; display: block; margin: .6rem 0; }
-.note { color: #666; font-size: .85rem; }
-"""
-
-
-_NUMERIC = re.compile(r"^[-−—\d]")  # cells right-aligned in tables
-
-
-def _fmt(value, key: str = "") -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, str):
-        return value
-    if key == "size_bytes":
-        return f"{value / 2**20:,.1f} MiB"
-    if key in ("nonzero_params", "params", "flops_per_token", "blocks") or (value == int(value) and abs(value) >= 1e4):
-        return f"{value:,.0f}"
-    if key == "sparsity":
-        return f"{value:.1%}"
-    return f"{value:.4g}"
-
-
-def _td(text: str) -> str:
-    return f'<td class="n">{html.escape(text)}</td>' if _NUMERIC.match(text) else f"<td>{html.escape(text)}</td>"
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(map(_td, row)) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _img(png: str, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{png}">'
-
-
-def _section(anchor: str, title: str, body: str) -> str:
-    return f'<section id="{anchor}"><h2>{html.escape(title)}</h2>{body}</section>'
-
-
-def _steps_html(steps: list[dict]) -> str:
-    rows = []
-    for i, s in enumerate(steps, 1):
-        q = s.get("quality", {})
-        rows.append([str(i), _step_label(s), s["file"], _fmt(s.get("seconds")), _fmt(s.get("peak_rss_gib")),
-                     f"{_fmt(q.get('before'))} → {_fmt(q.get('after'))}" if q else "—",
-                     ", ".join(map(str, s.get("removed", []))) or "—"])
-    headers = ["#", "step", "file", "seconds", "peak RSS (GiB)", "quality before → after", "removed blocks"]
-    return _table(headers, rows)
-
-
-def _search_html(search: dict) -> str:
-    body = f'<p class="note">{html.escape(search["file"])}: {len(search["trials"])} trials, ' \
-           f'{len(search.get("pareto", []))} Pareto-optimal; hypervolume {_fmt(search.get("hypervolume"))}.</p>'
-    if len(search["objectives"]) >= 2:
-        body += _img(plot_pareto(search), "Pareto front")
-    front = [search["trials"][i] for i in search.get("pareto", [])]
-    rows = [[str(t["number"]), *(_fmt(v) for v in t["values"]), json.dumps(t["params"])[:120]] for t in front]
-    return body + _table(["trial", *search["objectives"], "params"], rows)
-
-
-def _evaluations_html(evaluations: list[dict]) -> str:
-    rows = [[e.get("model", e["file"]), source, _fmt(r["perplexity"]),
-             f"{_fmt(r.get('windows'))} × {_fmt(r.get('seqlen'))}", _fmt(r.get("tokens_per_s"))]
-            for e in evaluations for source, r in e.get("perplexity", {}).items()]
-    costs = [[e.get("model", e["file"]), name, *(_fmt(c.get(k), k) for k in _ROWS)]
-             for e in evaluations for name, c in e.get("costs", {}).items()]
-    return (_table(["model", "source", "perplexity", "windows × seqlen", "tokens/s"], rows) if rows else "") + \
-           (_table(["model", "measured", *_ROWS.values()], costs) if costs else "")
-
-
-def render_html(report: dict) -> str:
-    """The report as one HTML page: CSS and plots (base64 PNG) inline, nothing fetched."""
-    steps = report.get("steps", [])
-    parts = [_section("summary", "Run", f'<p>Folder <code>{html.escape(report["run_dir"])}</code>; read '
-                      f'{html.escape(", ".join(report["read"]))}.</p>' + (_steps_html(steps) if steps else ""))]
-    if rows := report.get("before_after"):
-        table = _table(["", "before", "after", "after / before"],
-                       [[r["metric"], _fmt(r.get("before"), r["key"]), _fmt(r.get("after"), r["key"]),
-                         _fmt(r.get("change"))] for r in rows])
-        parts.append(_section("before-after", "Before → after", table))
-    if qvs := report.get("quality_vs_size"):
-        parts.append(_section("quality-vs-size", "Quality vs size", _img(plot_quality_vs_size(qvs), "quality vs size")))
-    if grids := [(i, s["sparsity_grid"]) for i, s in enumerate(steps, 1) if "sparsity_grid" in s]:
-        body = "".join(f"<h3>Step {i}: {html.escape(_step_label(steps[i - 1]))}</h3>"
-                       f"{_img(plot_sparsity(g), 'sparsity')}" for i, g in grids)
-        parts.append(_section("sparsity", "Sparsity per layer", body))
-    if scored := [(i, s["block_scores"]) for i, s in enumerate(steps, 1) if "block_scores" in s]:
-        body = "".join(f"<h3>Step {i}: {html.escape(_step_label(steps[i - 1]))}</h3>"
-                       f"{_img(plot_block_scores(b), 'block scores')}" for i, b in scored)
-        parts.append(_section("block-scores", "Block scores per round", body))
-    for n, search in enumerate(report.get("searches", []), 1):
-        anchor = "pareto" if n == 1 else f"pareto-{n}"
-        parts.append(_section(anchor, "Structural search: Pareto front", _search_html(search)))
-    if evaluations := report.get("evaluations"):
-        parts.append(_section("evaluations", "Evaluations", _evaluations_html(evaluations)))
-    if skipped := report.get("skipped"):
-        table = _table(["file", "reason"], [[s["file"], s["reason"]] for s in skipped])
-        parts.append(_section("skipped", "Files not used", table))
-    title = html.escape(f"slimformer report — {report.get('model', Path(report['run_dir']).name)}")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-            f"<style>{_CSS}</style></head><body><h1>{title}</h1>{''.join(parts)}</body></html>\n")
