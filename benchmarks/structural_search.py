@@ -40,7 +40,7 @@ import shutil
 import time
 from pathlib import Path
 
-from common import RESULTS, run_children, write_result
+from common import RESULTS, dominance_margin, paired_margin, run_children, write_result
 
 RUNS = ["rte", "mrpc", "sst2", "smollm2"]
 # --select-schedule: (epochs, lr) of the fine-tunes, the reference's best on held-out training examples wins.
@@ -55,7 +55,8 @@ def encoder_run(task: str, args: argparse.Namespace) -> dict:
 
     from slimformer import load_model
     from slimformer.data.glue import glue_task, load_glue
-    from slimformer.search.structural import SearchConfig, encoder_search, select_schedule, train_stage1
+    from slimformer.search.encoder import encoder_search, select_schedule, train_stage1
+    from slimformer.search.structural import SearchConfig
 
     torch.set_num_threads(2)
     loaded = load_model("minilm-l6", device=args.device)
@@ -106,7 +107,6 @@ def comparison(r: dict) -> dict:
     point against pruning to its own size (``paired_margin``). Gaps are in dev examples.
     """
     from slimformer.search.pareto import hypervolume
-    from slimformer.search.structural import dominance_margin, paired_margin
 
     searched, baseline = errors(r["dev_front"]), errors(r["baseline"])
     margin, paired = dominance_margin(searched, baseline), paired_margin(r["dev_front"], r["baseline_at_front"])
@@ -126,7 +126,8 @@ def decoder_run(trials: int, device: str = "cpu") -> dict:
 
     from slimformer import load_model
     from slimformer.data import calibration_samples
-    from slimformer.search.structural import SearchConfig, decoder_search
+    from slimformer.search.decoder import decoder_search
+    from slimformer.search.structural import SearchConfig
 
     torch.set_num_threads(2)
     loaded = load_model("smollm2-135m", device=device)

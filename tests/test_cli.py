@@ -53,6 +53,7 @@ def test_missing_data_directory_through_the_command(saved_tiny, tmp_path):
 
 
 def test_eval_zero_shot_and_lm_eval_on_a_local_task(saved_tiny, tmp_path, capsys):
+    pytest.importorskip("lm_eval", reason="the lm-eval extra is not installed")
     from slimformer.evaluation import write_task_yaml
 
     path, _ = saved_tiny
@@ -80,6 +81,18 @@ def test_eval_bad_task_file_names_file_and_line(saved_tiny, tmp_path, capsys):
     assert "hellaswagg" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("module", "argv", "extra"), [
+    ("lm_eval", ["eval", "{path}", "--lm-eval", "piqa", "--out", "{tmp}/e.json"], "lm-eval"),
+    ("ray", ["search", "{path}", "--task", "text:{text}", "--backend", "ray", "--trials", "2", "--nsamples", "2",
+             "--seqlen", "16", "--out", "{tmp}/r"], "ray"),
+])
+def test_a_missing_extra_is_named(saved_tiny, tmp_path, capsys, monkeypatch, module, argv, extra):
+    path, text = saved_tiny
+    monkeypatch.setitem(sys.modules, module, None)  # as if the extra were not installed
+    assert main([a.format(path=path, text=text, tmp=tmp_path) for a in argv]) == 2
+    assert f"needs the '{extra}' extra: pip install 'slimformer[{extra}]'" in capsys.readouterr().err
+
+
 def test_the_parser_names_equal_the_library_lists():
     """The CLI builds its parser without importing the library (a fast --help); its names must still agree."""
     from slimformer import cli
@@ -104,3 +117,57 @@ def test_help_and_argument_errors_import_no_heavy_library():
             "print(sorted({'torch', 'transformers', 'ray', 'optuna', 'lm_eval'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _defaults(verb: str) -> dict:
+    from slimformer.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[verb]
+    return {a.dest: a.default for a in sub._actions}
+
+
+def _field(cls, name):
+    import dataclasses
+
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field.default if field.default is not dataclasses.MISSING else field.default_factory()
+
+
+def test_every_option_default_equals_its_library_default():
+    """The parser holds plain values (a fast --help); each must equal the default it stands for."""
+    import inspect
+
+    from slimformer.evaluation import run_glue
+    from slimformer.methods import FinetuneConfig, MagnitudeConfig, SLEBConfig, SparseGPTConfig, WandaConfig
+    from slimformer.recipes import Calibration
+    from slimformer.search.structural import SearchConfig
+
+    checks = {
+        "prune": {"sparsity": (WandaConfig, "sparsity"), "propagate": (WandaConfig, "propagate"),
+                  "batch_size": (WandaConfig, "batch_size"), "scope": (MagnitudeConfig, "scope"),
+                  "rounds": (MagnitudeConfig, "rounds"), "round_steps": (MagnitudeConfig, "finetune_steps"),
+                  "blocksize": (SparseGPTConfig, "blocksize"), "percdamp": (SparseGPTConfig, "percdamp"),
+                  "finetune_lr": (FinetuneConfig, "lr"), "finetune_seqlen": (FinetuneConfig, "seqlen"),
+                  "calib": (Calibration, "source"), "nsamples": (Calibration, "nsamples"),
+                  "seqlen": (Calibration, "seqlen")},
+        "remove-blocks": {"protect": (SLEBConfig, "protect"), "batch_size": (SLEBConfig, "batch_size"),
+                          "calib": (Calibration, "source"), "seqlen": (Calibration, "seqlen")},
+        "search": {name: (SearchConfig, name) for name in ("space", "strategy", "trials", "population", "backend",
+                                                           "seed", "epochs", "random_subnets", "distill", "sampling",
+                                                           "supernet_init", "train_limit", "max_length")},
+    }
+    checked = 0
+    for verb, options in checks.items():
+        defaults = _defaults(verb)
+        for dest, (cls, name) in options.items():
+            expected = _field(cls, name)
+            got = tuple(defaults[dest]) if isinstance(expected, tuple) else defaults[dest]
+            assert got == expected, f"{verb} --{dest.replace('_', '-')}: {got!r} != {cls.__name__}.{name} {expected!r}"
+            checked += 1
+    assert tuple(_defaults("search")["objectives"].split(",")) == _field(SearchConfig, "objectives")
+    glue = _defaults("glue")
+    for name, parameter in inspect.signature(run_glue).parameters.items():
+        if name in glue and parameter.default is not inspect.Parameter.empty:
+            assert glue[name] == parameter.default, f"glue --{name}"
+            checked += 1
+    assert checked > 30

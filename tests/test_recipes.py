@@ -13,7 +13,7 @@ from slimformer import SlimformerError, get_adapter, load_model
 from slimformer.cli import main
 from slimformer.methods import FinetuneConfig, MagnitudeConfig, SLEBConfig, SparseGPTConfig, WandaConfig, apply
 from slimformer.models import LoadedModel
-from slimformer.recipes import STEPS, EvalConfig, Recipe, compress, load_recipe, parse_recipe, run_recipe
+from slimformer.recipes import STEPS, EvalConfig, Recipe, load_recipe, parse_recipe, run_recipe
 
 EXAMPLES = {
     "magnitude": MagnitudeConfig(sparsity=0.3, pattern="2:4", targets=("q_proj",), rounds=2, finetune_steps=3),

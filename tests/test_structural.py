@@ -12,10 +12,9 @@ from conftest import TINY_REL, assert_close_scaled, random_ids, tiny_model, tiny
 from slimformer import SlimformerError, get_adapter, load_model, save_model
 from slimformer.cli import main
 from slimformer.search.space import Importance, SearchSpace, count_params, masked
-from slimformer.search.strategies import SearchResult
-from slimformer.search.structural import (SearchConfig, decoder_search, dominance_margin, dominates, encoder_search,
-                                          select_schedule, task_splits,
-                                          importance_prune, initial_points, train_stage1)
+from slimformer.search.decoder import decoder_search
+from slimformer.search.encoder import encoder_search, select_schedule, task_splits, train_stage1
+from slimformer.search.structural import SearchConfig, importance_prune, initial_points
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
@@ -118,39 +117,8 @@ def test_importance_pruned_networks_seed_the_search_and_the_baseline_can_follow_
                                                                if p["params"] < 0.999})
 
 
-def test_dominance():
-    assert dominates([(0.5, 0.2), (1.0, 0.1)], [(0.5, 0.3), (1.0, 0.1)])
-    assert not dominates([(0.5, 0.2)], [(0.4, 0.3)])
-
-
-def test_dominance_margin_is_the_closest_gap_and_its_sign_is_dominance():
-    import math
-
-    front = [(0.5, 0.2), (1.0, 0.1)]
-    assert dominance_margin(front, [(0.5, 0.3), (1.0, 0.1)]) == pytest.approx(0.0)
-    assert dominance_margin(front, [(0.6, 0.25), (0.9, 0.3)]) == pytest.approx(0.05)
-    assert dominance_margin(front, [(0.6, 0.15)]) == pytest.approx(-0.05)
-    assert not dominates(front, [(0.6, 0.15)])
-    assert dominance_margin(front, [(0.4, 0.9)]) == -math.inf
-
-
-def test_paired_margin_compares_each_point_with_pruning_to_its_own_size():
-    from slimformer.search.structural import paired_margin
-
-    point = lambda size, acc: {"params": size, "dev": {"accuracy": acc}}  # noqa: E731
-    pruned = lambda size, got, acc: {"target": size, "params": got, "dev": {"accuracy": acc}}  # noqa: E731
-    front = [point(0.5502, 0.70), point(0.6801, 0.80), point(1.0, 0.85)]
-    at_sizes = [pruned(0.55, 0.551, 0.60), pruned(0.68, 0.6797, 0.78)]
-    assert paired_margin(front, at_sizes) == pytest.approx(0.02)  # the full model has no pair
-    # pruning landed just below 0.68, so weak dominance compares it with the 0.55 point instead
-    errors = lambda rows: [(r["params"], 1 - r["dev"]["accuracy"]) for r in rows]  # noqa: E731
-    assert dominance_margin(errors(front), errors(at_sizes)) == pytest.approx(-0.08)
-    assert paired_margin(front, [pruned(0.68, 0.6797, 0.81)]) == pytest.approx(-0.01)
-    assert paired_margin(front, []) == float("inf")
-
-
 def test_cli_search_resumes_and_extracts(saved_tiny, tmp_path, capsys, monkeypatch):
-    from slimformer.search import structural
+    from slimformer.search import decoder
 
     path, text = saved_tiny
     out = tmp_path / "run"
@@ -162,7 +130,7 @@ def test_cli_search_resumes_and_extracts(saved_tiny, tmp_path, capsys, monkeypat
     def recompute(*args, **kwargs):
         raise AssertionError("a resumed search ranks heads and units again")
 
-    monkeypatch.setattr(structural, "mask_gradient_importance", recompute)
+    monkeypatch.setattr(decoder, "mask_gradient_importance", recompute)
     assert main([*args, "--trials", "5"]) == 0
     second = json.loads((out / "search.json").read_text())
     assert [t["params"] for t in second["trials"][:3]] == [t["params"] for t in first["trials"]]
@@ -248,6 +216,7 @@ def test_encoder_search_on_a_regression_task_maximises_pearson(tmp_path, monkeyp
 
 
 def test_ray_backend_evaluates_subnetworks_like_the_local_one():
+    pytest.importorskip("ray", reason="the ray extra is not installed")
     adapter = get_adapter(tiny_model("llama"))
     samples = random_ids(2, 12)
     runs = {}

@@ -78,7 +78,7 @@ def run_lm_eval(
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise SlimformerError("run_lm_eval needs lm-evaluation-harness: pip install lm-eval") from None
+        raise SlimformerError("the lm-eval bridge needs the 'lm-eval' extra: pip install 'slimformer[lm-eval]'") from None
     if not tasks:
         raise SlimformerError("give at least one task")
     manager = None

@@ -20,7 +20,8 @@ class FinetuneConfig:
 
     All parameters train with AdamW (no weight decay, so a zero gradient leaves a zero weight
     unchanged); gradients of pruned weights are masked and the mask is applied again after
-    every step. ``seqlen`` crops the samples to shorten steps on a CPU.
+    every step. ``seqlen`` crops the samples to their first ``seqlen`` tokens to shorten steps on
+    a CPU (``None``: whole samples).
     YAML: ``{method: finetune, steps: 100, lr: 1e-4}``
     """
 
@@ -28,7 +29,7 @@ class FinetuneConfig:
     steps: int = 100
     lr: float = 1e-4
     batch_size: int = 1
-    seqlen: int | None = None
+    seqlen: int | None = 512
     device: str = "cpu"
 
     def __post_init__(self):

@@ -9,7 +9,6 @@ trial, the Pareto set, its hypervolume, the dev-set figures and the baseline) an
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -25,17 +24,9 @@ from slimformer.models.adapters import get_adapter
 from slimformer.search.pareto import plot_front
 from slimformer.search.space import Importance, SearchSpace, extract
 from slimformer.search.strategies import SearchResult
-from slimformer.search.structural import (SearchConfig, Stage1, check_max_length, decoder_importance, decoder_search,
-                                          encoder_search, train_stage1)
-
-
-def config_from_args(args: argparse.Namespace) -> SearchConfig:
-    """The search config of the CLI's flags."""
-    return SearchConfig(space=args.space, objectives=tuple(args.objectives.split(",")), strategy=args.strategy,
-                        trials=args.trials, seed=args.seed, backend=args.backend, population=args.population,
-                        epochs=args.epochs, supernet=not args.no_supernet, supernet_init=args.supernet_init,
-                        random_subnets=args.random_subnets, distill=args.distill, sampling=args.sampling,
-                        train_limit=args.train_limit, max_length=args.max_length)
+from slimformer.search.decoder import decoder_importance, decoder_search
+from slimformer.search.encoder import Stage1, check_max_length, encoder_search, train_stage1
+from slimformer.search.structural import SearchConfig
 
 
 def _save_importance(path: Path, importance: Importance) -> None:
@@ -155,26 +146,3 @@ def extract_trial(run: str | Path, trial: int, out: str | Path, *, overwrite: bo
     space = SearchSpace(request["config"]["space"], get_adapter(loaded.model), _load_importance(run / "importance.pt"))
     small = extract(loaded.model, space.subnet(params), inplace=True)
     return save_model(small, loaded.tokenizer, out, overwrite=overwrite)
-
-
-def print_summary(summary: dict) -> None:
-    """The Pareto set as a table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    objectives = summary["objectives"]
-    table = Table(title=f"Pareto set — {summary['model']} on {summary['task']} "
-                        f"({len(summary['trials'])} trials, hypervolume {summary['hypervolume']:.4f})")
-    table.add_column("trial", justify="right")
-    for name in objectives:
-        table.add_column(name, justify="right")
-    dev = {p["number"]: p for p in summary.get("dev_front", [])}
-    if dev:
-        table.add_column(f"dev {glue_task(summary['task']).metrics[0]}", justify="right")
-    for i in summary["pareto"]:
-        t = summary["trials"][i]
-        row = [str(t["number"]), *(f"{v:.4f}" for v in t["values"])]
-        if dev:
-            row.append(f"{dev[t['number']]['dev']['score']:.4f}" if t["number"] in dev else "")
-        table.add_row(*row)
-    Console().print(table)

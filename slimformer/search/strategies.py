@@ -435,7 +435,10 @@ def _run_ray(study: Study, space: Space, evaluate: Evaluate, trials: int, initia
     """Ask a batch, evaluate it as Ray tasks, and tell the results in trial order."""
     import logging
 
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise SlimformerError("--backend ray needs the 'ray' extra: pip install 'slimformer[ray]'") from None
 
     def timed(evaluate: Evaluate, params: Params) -> tuple[Any, float]:
         # Defined here so that Ray ships it by value: a worker need not import slimformer (and torch).
