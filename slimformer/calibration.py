@@ -164,6 +164,45 @@ def observing(targets: dict[str, nn.Module], observe: Callable[[str, nn.Module, 
             handle.remove()
 
 
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """``module`` on ``device`` inside the block; moved back afterwards when it was elsewhere."""
+    first = next(module.parameters(), None)
+    home = first.device if first is not None else device
+    moved = home != device
+    if moved:
+        module.to(device)
+    try:
+        yield module
+    finally:
+        if moved:
+            module.to(home)
+
+
+@contextlib.contextmanager
+def scaled_inputs(scales: Sequence[tuple[nn.Module, torch.Tensor | Callable[[], torch.Tensor]]]) -> Iterator[None]:
+    """Multiply the first input of each module by its scale (a tensor, or a function giving one) inside; always unhook.
+
+    The one mask hook of the search: heads are masked at the input of the attention output
+    projection, FFN units at that of the down projection. A function is called at every
+    forward, so a scale computed from a leaf that requires gradients (importance masks) gets a
+    fresh graph each pass.
+    """
+    handles = []
+    try:
+        for module, scale in scales:
+
+            def hook(mod, args, scale=scale):
+                factor = scale() if callable(scale) else scale
+                return (args[0] * factor.to(args[0].dtype), *args[1:])
+
+            handles.append(module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class BlockRunner:
     """Runs a model one block at a time over calibration samples; see the module docstring.
 
@@ -190,15 +229,21 @@ class BlockRunner:
     def forward_block(
         self, index: int, hidden: Sequence[torch.Tensor], block: nn.Module | None = None, first: int = 0
     ) -> list:
-        """Run block ``index`` (or a stand-in ``block``) over batches ``first, first + 1, …``; outputs on the CPU."""
+        """Run block ``index`` (or a stand-in ``block``) over batches ``first, first + 1, …``; outputs on the CPU.
+
+        The block runs on the runner's device: one that is elsewhere is moved there for the call
+        and back afterwards (block scoring calls this directly, outside :meth:`run`).
+        """
         block = self.adapter.blocks[index] if block is None else block
         memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         outs = []
-        for k, (h, call) in enumerate(zip(hidden, self.calls[index][first:])):
-            self._batch = first + k
-            out = block(h.to(self.device), *_move(call.args, self.device, memo), **_move(call.kwargs, self.device, memo))
-            out = out[0] if isinstance(out, tuple) else out
-            outs.append(out.to("cpu"))
+        with on_device(block, self.device):
+            for k, (h, call) in enumerate(zip(hidden, self.calls[index][first:])):
+                self._batch = first + k
+                args, kwargs = _move(call.args, self.device, memo), _move(call.kwargs, self.device, memo)
+                out = block(h.to(self.device), *args, **kwargs)
+                out = out[0] if isinstance(out, tuple) else out
+                outs.append(out.to("cpu"))
         return outs
 
     def run(self, visitor: BlockVisitor | None = None, *, propagate: str = "compressed", desc: str = "blocks") -> list:

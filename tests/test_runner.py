@@ -173,3 +173,35 @@ def test_propagation_modes_see_the_inputs_they_promise():
         dense_model(input_ids=samples)
     assert seen["dense"]["1.q"] == pytest.approx(plain.stats["1.q"], rel=TINY_REL)
     assert seen["compressed"]["1.q"] != pytest.approx(plain.stats["1.q"], rel=1e-3)  # ~7e-3 apart: RMSNorm hides most of it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_blocks_run_on_the_requested_device_and_go_back():
+    """Block scoring calls forward_block directly: the runner moves the block to its device itself."""
+    from slimformer.methods import SLEBConfig, apply
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    samples = random_ids(2, 16)
+    runner = BlockRunner(adapter, samples, device="cuda", progress=False)
+    on_cpu = runner.forward_block(0, runner.hidden)
+    assert next(adapter.blocks[0].parameters()).device.type == "cpu"  # moved back
+    expected = BlockRunner(get_adapter(tiny_model("llama")), samples, progress=False)
+    assert_close_scaled(torch.cat(on_cpu), torch.cat(expected.forward_block(0, expected.hidden)), rel=1e-3)
+    result = apply(adapter, SLEBConfig(blocks=1, protect=(0,), device="cuda"), samples)
+    assert len(adapter.blocks) == 2 and result.summary["removed"]
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_a_block_elsewhere_is_moved_for_the_call_and_back(monkeypatch):
+    """On a CPU-only machine: the move the runner makes, observed through the block's ``to``."""
+    from slimformer import calibration
+
+    block = tiny_model("llama").model.layers[0]
+    moves = []
+    monkeypatch.setattr(type(block), "to", lambda self, device: moves.append(str(device)) or self, raising=False)
+    with calibration.on_device(block, torch.device("cuda")):
+        pass
+    with calibration.on_device(block, torch.device("cpu")):
+        pass
+    assert moves == ["cuda", "cpu"]  # there and back for another device; nothing for its own

@@ -3,6 +3,27 @@
 A method is a frozen config dataclass with a ``method`` name plus one function
 ``fn(adapter, config, samples) -> MethodResult`` registered against the config type with
 :func:`register`. The CLI, recipes and reports know only this protocol.
+
+How to add a method (``methods/pruning.py`` is a complete example):
+
+1. Write the maths as pure tensor functions in their own module or section (a weight and its
+   statistics in, new weights or a mask out), each tested on a small tensor against a slow,
+   obviously correct reference written in the test.
+2. Write the config: a ``@dataclass(frozen=True)`` with ``method: ClassVar[str] = "name"``,
+   plain-data fields with defaults, validation in ``__post_init__`` raising
+   ``SlimformerError``, and a docstring giving the paper and a YAML sample. A
+   ``needs_samples`` attribute or property that is False spares the caller calibration data.
+3. Write ``@register(Config) def apply_name(adapter, config, samples) -> MethodResult``. Reach
+   the model only through the adapter (``adapter.blocks``, ``adapter.linears(block)``,
+   :func:`select_linears` for ``targets``/``ignore``). A calibrated method implements a
+   :class:`slimformer.calibration.BlockVisitor` (``targets``, ``observe``, ``compress``) and
+   hands it to the one :class:`~slimformer.calibration.BlockRunner`: never a loop of its own
+   over blocks or samples. Surgery that changes shapes goes through
+   :mod:`slimformer.models.surgery`, so the config stays valid and stock ``transformers``
+   loads the result.
+4. Import the module in ``methods/__init__.py`` (registration happens at import); the recipe
+   name, the YAML reader and the reports then know it. Add its config to the case table of
+   ``tests/test_recipes.py`` (YAML round trip, invariants on the tiny models).
 """
 
 from __future__ import annotations

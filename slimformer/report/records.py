@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from slimformer.errors import SlimformerError
+from slimformer.search.pareto import pareto_mask
 
 _COST_KEYS = ("params", "nonzero_params", "flops_per_token", "size_bytes",
               "prefill_s", "decode_tok_s", "generate_tok_s")
@@ -165,7 +166,8 @@ def _step(doc: dict, rel: str) -> dict | None:
 
 
 def nondominated(points: np.ndarray) -> list[int]:
-    return [i for i, p in enumerate(points) if not np.any(np.all(points <= p, axis=1) & np.any(points < p, axis=1))]
+    """Positions of the Pareto-optimal points (all objectives minimised)."""
+    return np.flatnonzero(pareto_mask(points)).tolist()
 
 
 def _search(doc: dict, rel: str) -> dict | None:

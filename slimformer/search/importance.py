@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from slimformer.calibration import scaled_inputs
 from slimformer.models.adapters import Adapter
 from slimformer.models.surgery import block_shape, head_dim
 from slimformer.search.space import Importance
@@ -36,28 +37,25 @@ def mask_gradient_importance(
     head_masks = [torch.ones(s["heads"], device=device, requires_grad=True) for s in shapes]
     unit_masks = [torch.ones(s["intermediate"], device=device, requires_grad=True) for s in shapes]
     scores = Importance([torch.zeros(s["heads"]) for s in shapes], [torch.zeros(s["intermediate"]) for s in shapes])
-    handles = []
+    scales = []
     for block, hm, um in zip(adapter.blocks, head_masks, unit_masks):
         lin = adapter.linears(block)
-        handles.append(lin["o"].register_forward_pre_hook(
-            lambda m, a, hm=hm: (a[0] * hm.to(a[0].dtype).repeat_interleave(hd), *a[1:])))
-        handles.append(lin["down"].register_forward_pre_hook(lambda m, a, um=um: (a[0] * um.to(a[0].dtype), *a[1:])))
+        scales += [(lin["o"], lambda hm=hm: hm.repeat_interleave(hd)), (lin["down"], um)]
     trainable = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
     model.eval()
     try:
         for p in trainable:
             p.requires_grad_(False)
-        for batch in tqdm(batches, desc="importance", disable=not progress):
-            loss = loss_fn(model, batch)
-            grads = torch.autograd.grad(loss, head_masks + unit_masks)
-            for i, g in enumerate(grads[: len(head_masks)]):
-                scores.heads[i] += g.abs().float().cpu()
-            for i, g in enumerate(grads[len(head_masks) :]):
-                scores.units[i] += g.abs().float().cpu()
+        with scaled_inputs(scales):
+            for batch in tqdm(batches, desc="importance", disable=not progress):
+                loss = loss_fn(model, batch)
+                grads = torch.autograd.grad(loss, head_masks + unit_masks)
+                for i, g in enumerate(grads[: len(head_masks)]):
+                    scores.heads[i] += g.abs().float().cpu()
+                for i, g in enumerate(grads[len(head_masks) :]):
+                    scores.units[i] += g.abs().float().cpu()
     finally:
-        for h in handles:
-            h.remove()
         for p in trainable:
             p.requires_grad_(True)
         model.train(was_training)

@@ -33,6 +33,7 @@ import optuna
 import torch
 from torch import nn
 
+from slimformer.calibration import scaled_inputs
 from slimformer.errors import SlimformerError
 from slimformer.evaluation.cost import flops_per_token as cost_flops
 from slimformer.models.adapters import Adapter, get_adapter, weight_matrix
@@ -272,7 +273,7 @@ def masked(adapter: Adapter, subnet: Subnet) -> Iterator[None]:
     blocks = adapter.blocks
     if len(subnet.heads) != len(blocks):
         raise SlimformerError(f"sub-network has {len(subnet.heads)} blocks, the model {len(blocks)}")
-    originals, handles = {}, []
+    originals, scales = {}, []
     try:
         for b, block in enumerate(list(blocks)):
             if subnet.heads[b] is None:
@@ -282,17 +283,14 @@ def masked(adapter: Adapter, subnet: Subnet) -> Iterator[None]:
             shape = block_shape(adapter, block)
             lin = adapter.linears(block)
             if len(subnet.heads[b]) < shape["heads"]:
-                mask = _head_mask(adapter, subnet.heads[b], shape["heads"], weight_matrix(lin["o"]))
-                handles.append(lin["o"].register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask, *a[1:])))
+                scales.append((lin["o"], _head_mask(adapter, subnet.heads[b], shape["heads"], weight_matrix(lin["o"]))))
             if len(subnet.units[b]) < shape["intermediate"]:
                 mask = torch.zeros(shape["intermediate"], dtype=weight_matrix(lin["down"]).dtype)
                 mask[subnet.units[b]] = 1
-                mask = mask.to(weight_matrix(lin["down"]).device)
-                handles.append(lin["down"].register_forward_pre_hook(lambda m, a, mask=mask: (a[0] * mask, *a[1:])))
-        yield
+                scales.append((lin["down"], mask.to(weight_matrix(lin["down"]).device)))
+        with scaled_inputs(scales):
+            yield
     finally:
-        for h in handles:
-            h.remove()
         for b, block in originals.items():
             blocks[b] = block
 
