@@ -62,7 +62,7 @@ def test_text_and_jsonl_files(tmp_path):
 def test_bad_files_name_file_and_line(tmp_path):
     jl = tmp_path / "bad.jsonl"
     jl.write_text('{"text": "ok"}\n{"txt": "no"}\n')
-    with pytest.raises(SlimformerError, match=r"bad.jsonl:2: not a JSON object with a 'text' field"):
+    with pytest.raises(SlimformerError, match=r"bad.jsonl:2: has no text field 'text'"):
         load_text(str(jl))
     with pytest.raises(SlimformerError, match="data file not found"):
         load_text(str(tmp_path / "missing.txt"))

@@ -74,16 +74,29 @@ def _wikitext2_from_hub(split: str) -> list[str]:
         ) from None
 
 
-def _read_jsonl(path: Path, field: str) -> str:
-    texts = []
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """The JSON objects of a jsonl file with their line numbers, blank lines skipped; a bad line names itself."""
+    rows = []
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                texts.append(json.loads(line)[field])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise SlimformerError(f"{path}:{n}: not a JSON object with a '{field}' field") from None
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SlimformerError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise SlimformerError(f"{path}:{n}: not a JSON object")
+            rows.append((n, obj))
+    return rows
+
+
+def _read_jsonl(path: Path, field: str) -> str:
+    texts = []
+    for n, obj in read_jsonl(path):
+        if not isinstance(obj.get(field), str):
+            raise SlimformerError(f"{path}:{n}: has no text field '{field}'")
+        texts.append(obj[field])
     return "\n\n".join(texts)
 
 

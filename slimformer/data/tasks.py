@@ -26,12 +26,11 @@ up to its case); ARC questions with 3 options were padded to 4 by repeating a di
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimformer.data.sources import data_dir
+from slimformer.data.sources import data_dir, read_jsonl
 from slimformer.errors import SlimformerError
 
 TASKS: dict[str, str] = {
@@ -118,7 +117,7 @@ def task_layout(obj: dict) -> str | None:
 
 def read_task_file(path: Path) -> list[Example]:
     """Every record of a jsonl task file, in the layout of its first record."""
-    rows = _jsonl(path)
+    rows = read_jsonl(path)
     if not rows:
         return []
     n, first = rows[0]
@@ -153,23 +152,6 @@ def _data_file(root: Path, relpath: str) -> Path:
     if not path.is_file():
         raise SlimformerError(f"task data not found at {path}; set $SLIMFORMER_DATA to a folder holding {relpath}")
     return path
-
-
-def _jsonl(path: Path) -> list[tuple[int, dict]]:
-    """The JSON objects of a file with their line numbers, blank lines skipped."""
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SlimformerError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise SlimformerError(f"{path}:{n}: not a JSON object")
-            rows.append((n, obj))
-    return rows
 
 
 def _field(obj: dict, name: str, kind: type, path: Path, n: int):
@@ -220,7 +202,7 @@ def _lm(obj: dict, path: Path, n: int) -> LMExample:
 def _piqa(root: Path) -> list[MCExample]:
     path = _data_file(root, "piqa/valid.jsonl")
     labels_path = _data_file(root, "piqa/valid-labels.lst")
-    rows = _jsonl(path)
+    rows = read_jsonl(path)
     labels = [(n, line.strip()) for n, line in enumerate(labels_path.read_text(encoding="utf-8").splitlines(), 1)]
     labels = [(n, label) for n, label in labels if label]
     if len(labels) != len(rows):
@@ -237,7 +219,7 @@ def _piqa(root: Path) -> list[MCExample]:
 def _mosaic(path: Path) -> list[tuple[int, str, list[str], int]]:
     """MosaicML ICL rows as (line, query, choices, gold), checked."""
     rows = []
-    for n, obj in _jsonl(path):
+    for n, obj in read_jsonl(path):
         query = _field(obj, "query", str, path, n)
         choices = _choices(obj, path, n)
         rows.append((n, query, choices, _gold(_field(obj, "gold", int, path, n), choices, path, n)))
