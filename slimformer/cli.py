@@ -51,6 +51,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slimformer.files import write_json
     from slimformer.machine import machine_info
     from slimformer.models import load_model
+    from slimformer.records import EvalRecord
 
     tasks = [t for t in (args.tasks or "").split(",") if t]
     harness = [t for t in (args.lm_eval or "").split(",") if t]
@@ -97,8 +98,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for task, metrics in lm_eval["results"].items():
             console.print(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                          if isinstance(v, float)))
-    write_json(args.out, {"model": args.model, "source": loaded.source, "dtype": args.dtype,
-                           "perplexity": results, "tasks": zero_shot, "lm_eval": lm_eval, "machine": machine_info()})
+    record = EvalRecord(model=args.model, source=loaded.source, dtype=args.dtype, perplexity=results, tasks=zero_shot,
+                        lm_eval=lm_eval, machine=machine_info())
+    write_json(args.out, record.to_dict())
     print(f"results written to {args.out}")
     return 0
 

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from slimformer.data import load_text, sample_windows, tokenize
 from slimformer.errors import SlimformerError
 from slimformer.files import write_json
+from slimformer.records import EvalRecord, StepRecord
 from slimformer.evaluation import evaluate_task, measure_costs, perplexity, size_on_disk
 from slimformer.machine import machine_info
 from slimformer.methods import METHODS, apply, config_dict
@@ -382,6 +383,18 @@ def run_recipe(recipe: str | Path | dict | Recipe, out: str | Path, *, model: st
     return summary
 
 
+def _step_record(recipe: Recipe, step: int, result: dict, before: dict, after: dict) -> StepRecord:
+    """What a compression step did and the recipe's measurements before and after it."""
+    m = recipe.measure
+    record = StepRecord(model=recipe.model, step=step, result=result, measure_before=before, measure_after=after)
+    if "ppl" in before and "ppl" in after:
+        record.ppl_before, record.ppl_after = before["ppl"], after["ppl"]
+        record.ppl_source, record.ppl_windows, record.ppl_seqlen = m.ppl_source, m.ppl_windows, m.ppl_seqlen
+    if "size_bytes" in after:
+        record.size_bytes, record.size_bytes_before = after["size_bytes"], min(before["size_bytes"].values())
+    return record
+
+
 def _finish(recipe: Recipe, state: dict, ctx: _Context, out: Path, overwrite: bool, dtype: str) -> dict:
     """Write the output folder in one rename: the model, per-step figures, the side-by-side comparison, the report."""
     loaded = ctx.loaded
@@ -401,19 +414,14 @@ def _finish(recipe: Recipe, state: dict, ctx: _Context, out: Path, overwrite: bo
         previous = state["before"]
         for i, entry in enumerate(state["steps"]):
             result, after = entry["result"], entry["after"]
-            doc = {"model": recipe.model, "step": i + 1, "result": result, "measure_before": previous,
-                   "measure_after": after}
-            if "ppl" in previous and "ppl" in after:
-                doc.update(ppl_before=previous["ppl"], ppl_after=after["ppl"], ppl_source=m.ppl_source,
-                           ppl_windows=m.ppl_windows, ppl_seqlen=m.ppl_seqlen)
-            if "size_bytes" in after:
-                doc.update(size_bytes=after["size_bytes"], size_bytes_before=min(previous["size_bytes"].values()))
-            name = f"{i + 1:02d}-{result['method'] if 'method' in result else 'step'}"
-            folder = tmp / "steps" / name
-            write_json(folder / ("eval.json" if result.get("method") == "eval" else "slimformer.json"),
-                        doc | ({"perplexity": result.get("perplexity", {})} if result.get("method") == "eval" else {}))
+            folder = tmp / "steps" / f"{i + 1:02d}-{result.get('method', 'step')}"
+            if result.get("method") == "eval":
+                EvalRecord(model=recipe.model, step=i + 1, perplexity=result.get("perplexity", {}),
+                           tasks=result.get("tasks", {})).write(folder)
+            else:
+                _step_record(recipe, i + 1, result, previous, after).write(folder)
             previous = after
-        write_json(tmp / "eval.json", {"model": recipe.model, "costs": comparison, "machine": machine_info()})
+        EvalRecord(model=recipe.model, costs=comparison, machine=machine_info()).write(tmp)
         build_report(tmp, folder=out)
         report = json.loads((tmp / "report.json").read_text())
         summary = {"recipe": recipe.to_dict(), "before": state["before"], "steps": state["steps"],

@@ -5,7 +5,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "slimformer"
 LAYERS = {  # top-level module or package -> layer
-    "errors": 0, "machine": 0, "files": 0,
+    "errors": 0, "machine": 0, "files": 0, "records": 0,
     "models": 1, "data": 1,
     "calibration": 2,
     "methods": 3, "evaluation": 3, "search": 3,

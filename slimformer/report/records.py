@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from slimformer.errors import SlimformerError
+from slimformer.records import EvalRecord, StepRecord
 from slimformer.search.pareto import pareto_mask
 
 _COST_KEYS = ("params", "nonzero_params", "flops_per_token", "size_bytes",
@@ -82,9 +83,9 @@ def _clean(entry: dict) -> dict:
     return {k: v for k, v in entry.items() if v is not None and v != {} and v != []}
 
 
-def _costs(doc: dict) -> dict[str, dict] | None:
+def _costs(record: StepRecord | EvalRecord) -> dict[str, dict] | None:
     """{model name: cost figures} from ``costs.models`` (measure_costs) or a benchmark-style ``speed``."""
-    models = _dict(_dict(doc.get("costs")).get("models")) or _dict(doc.get("speed"))
+    models = _dict(_dict(record.costs).get("models")) or _dict(getattr(record, "speed", None))
     table = {}
     for name, figures in models.items():
         row = {key: _num(_dict(figures).get(key)) for key in _COST_KEYS}
@@ -93,13 +94,13 @@ def _costs(doc: dict) -> dict[str, dict] | None:
     return table or None
 
 
-def _quality(doc: dict) -> dict | None:
+def _quality(record: StepRecord) -> dict | None:
     """Quality before and after a step, the metric named with its data (``perplexity (wikitext2:test, 8 × 2048)``)."""
     for name, prefix in _QUALITY:
-        found = {stage: _num(doc.get(f"{prefix}_{stage}")) for stage in ("before", "after", "after_finetune")}
+        found = {stage: _num(getattr(record, f"{prefix}_{stage}")) for stage in ("before", "after", "after_finetune")}
         if any(v is not None for v in found.values()):
-            source, windows, seqlen = doc.get(f"{prefix}_source"), _num(doc.get(f"{prefix}_windows")), \
-                _num(doc.get(f"{prefix}_seqlen"))
+            source, windows, seqlen = (getattr(record, f"{prefix}_{k}", None) for k in ("source", "windows", "seqlen"))
+            windows, seqlen = _num(windows), _num(seqlen)
             on = ", ".join(([source] if isinstance(source, str) else [])
                            + ([f"{windows:.0f} × {seqlen or 2048:.0f}-token windows"] if windows else []))
             return _clean({"metric": f"{name} ({on})" if on else name, **found})
@@ -140,28 +141,29 @@ def _block_scores(summary: dict, config: dict) -> dict | None:
 
 def _step(doc: dict, rel: str) -> dict | None:
     """One compression step of a ``slimformer.json``; None when it holds no figures."""
-    result = _dict(doc.get("result"))
+    record = StepRecord.from_dict(doc)
+    result = _dict(record.result)
     summary, config = _dict(result.get("summary")), _dict(result.get("config"))
-    sizes = _clean({str(k): _num(v) for k, v in _dict(doc.get("size_bytes")).items()})
+    sizes = _clean({str(k): _num(v) for k, v in _dict(record.size_bytes).items()})
     step = _clean({
         "method": next((m for m in (result.get("method"), config.get("method")) if isinstance(m, str)), None),
         "config": _finite(config),
         "seconds": _num(result.get("seconds")),
         "peak_rss_gib": _num(result.get("peak_rss_gib")),
-        "quality": _quality(doc),
+        "quality": _quality(record),
         "size_bytes": sizes,
-        "size_bytes_before": _num(doc.get("size_bytes_before")),
+        "size_bytes_before": _num(record.size_bytes_before),
         "sparsity": _num(summary.get("sparsity")),
         "blocks_before": _num(summary.get("blocks_before")),
         "blocks_after": _num(summary.get("blocks_after")),
         "removed": [int(b) for b in _list(summary.get("removed")) if _num(b) is not None],
-        "costs": _costs(doc),
+        "costs": _costs(record),
         "sparsity_grid": _sparsity_grid(_dict(result.get("layers"))),
         "block_scores": _block_scores(summary, config),
     })
     if not step:
         return None
-    model = doc.get("model")
+    model = record.model
     return {"file": rel, **({"model": model} if isinstance(model, str) else {}), **step}
 
 
@@ -199,15 +201,17 @@ def _search(doc: dict, rel: str) -> dict | None:
 
 
 def _evaluation(doc: dict, rel: str) -> dict | None:
+    """The perplexities and cost comparison of an ``eval.json``; None when it holds neither."""
+    record = EvalRecord.from_dict(doc)
     ppl = {}
-    for source, r in _dict(doc.get("perplexity")).items():
+    for source, r in _dict(record.perplexity).items():
         figures = _clean({k: _num(_dict(r).get(k)) for k in ("perplexity", "windows", "seqlen", "tokens_per_s")})
         if "perplexity" in figures:
             ppl[str(source)] = figures
-    entry = _clean({"perplexity": ppl, "costs": _costs(doc)})
+    entry = _clean({"perplexity": ppl, "costs": _costs(record)})
     if not entry:
         return None
-    model = doc.get("model")
+    model = record.model
     return {"file": rel, **({"model": model} if isinstance(model, str) else {}), **entry}
 
 
