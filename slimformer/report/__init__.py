@@ -4,8 +4,9 @@ What is read (every field is optional; a section whose data is missing is left o
 
 - ``slimformer.json`` anywhere under the folder, one per compression step, in natural path
   order (``step2`` before ``step10``); identical copies (the dense and the sparse output of
-  one run) count once. Fields: ``model``; ``ppl_before``, ``ppl_after``,
-  ``ppl_after_finetune`` (or ``accuracy_*``); ``size_bytes`` {format: bytes} of the output
+  one run) count once: a :class:`slimformer.records.StepRecord`. Fields: ``model``; ``ppl_before``,
+  ``ppl_after``, ``ppl_after_finetune`` (or ``accuracy_*``) and what they were measured on
+  (``ppl_source``, ``ppl_windows``, ``ppl_seqlen``); ``size_bytes`` {format: bytes} of the output
   and ``size_bytes_before``; ``result`` (a ``MethodResult``: ``method``, ``config``,
   ``seconds``, ``peak_rss_gib``, ``layers`` {module: {sparsity}}, ``summary`` with
   ``sparsity``, ``blocks_before``, ``blocks_after``, ``removed``, ``rounds``
@@ -15,8 +16,8 @@ What is read (every field is optional; a section whose data is missing is left o
 - ``search.json``: ``objectives``, ``trials`` [{number, params, values}], ``pareto``
   (positions in ``trials``; computed when absent), ``hypervolume``, and ``baseline``
   {``points`` [[x, y]] in plot coordinates — the size-like objective, then ``error`` —, ``label``}.
-- ``eval.json``: ``model``, ``perplexity`` {source: {perplexity, windows, seqlen,
-  tokens_per_s}}, ``costs``.
+- ``eval.json`` (a :class:`slimformer.records.EvalRecord`): ``model``, ``perplexity`` {source:
+  {perplexity, windows, seqlen, tokens_per_s}}, ``costs``.
 
 A file that is not a JSON object, or holds none of these figures, is listed under
 ``skipped``; a folder where nothing is readable is an error. ``report.json`` holds ``read``,
