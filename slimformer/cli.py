@@ -247,7 +247,7 @@ def cmd_glue(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from slimformer.data.glue import glue_file, glue_task
+    from slimformer.data.glue import glue_task, load_glue
     from slimformer.evaluation import run_glue
     from slimformer.files import write_json
     from slimformer.machine import machine_info
@@ -255,7 +255,7 @@ def cmd_glue(args: argparse.Namespace) -> int:
 
     info = glue_task(args.task)
     for split in ("train", *info.dev_splits):
-        glue_file(info, split)  # missing data fails before the model loads
+        load_glue(info, split)  # missing or malformed data fails before the model loads
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise SlimformerError(f"output '{args.out}' exists; choose another path or pass --overwrite")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)

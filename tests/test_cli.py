@@ -171,3 +171,22 @@ def test_every_option_default_equals_its_library_default():
             assert glue[name] == parameter.default, f"glue --{name}"
             checked += 1
     assert checked > 30
+
+
+def test_bad_task_files_and_glue_folders_give_one_line_and_exit_2(saved_tiny, tmp_path, capsys, monkeypatch):
+    path, _ = saved_tiny
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"question": "w1", "answer": "w2"}) + "\n")
+    assert main(["eval", str(path), "--tasks", str(odd), "--out", str(tmp_path / "e.json")]) == 2
+    (tmp_path / "glue" / "RTE").mkdir(parents=True)
+    (tmp_path / "glue" / "RTE" / "train.tsv").write_text("index\tpremise\thypothesis\tlabel\n0\tw1\tw2\tentailment\n")
+    (tmp_path / "glue" / "RTE" / "dev.tsv").write_text("index\tpremise\thypothesis\tlabel\n0\tw1\tw2\tentailment\n")
+    monkeypatch.setenv("SLIMFORMER_DATA", str(tmp_path))
+    assert main(["glue", str(path), "--task", "rte"]) == 2
+    assert main(["glue", str(path), "--task", "mnli-x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("slimformer: error: ") for line in err)
+    assert f"{odd}:1: fields ['answer', 'question'] match no task layout" in err[0]
+    assert "RTE/train.tsv:1: the header has no column 'sentence1'" in err[1]
+    assert "unknown GLUE task 'mnli-x'; choose one of cola, sst2" in err[2]
+    assert not (tmp_path / "e.json").exists()
