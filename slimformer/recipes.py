@@ -231,6 +231,7 @@ class _Context:
         self.recipe, self.loaded, self.progress = recipe, loaded, progress
         self._samples = None
         self._test_ids = None
+        self._speed_ids = None
         self.bos = loaded.window_bos(recipe.bos)
 
     @property
@@ -246,6 +247,18 @@ class _Context:
             self._test_ids = tokenize(self.loaded.tokenizer, load_text(self.recipe.measure.ppl_source))
         return self._test_ids
 
+    def speed_ids(self) -> torch.Tensor:
+        """``prefill_tokens`` token ids to time: of the perplexity text when it is measured, else of the calibration text.
+
+        Only the length matters to the timing; a short text is repeated to that length.
+        """
+        if self._speed_ids is None:
+            m = self.recipe.measure
+            ids = self.test_ids() if m.ppl_windows else tokenize(self.loaded.tokenizer,
+                                                                 load_text(self.recipe.calibration.source))
+            self._speed_ids = ids.repeat(1, -(-m.prefill_tokens // ids.shape[1]))[:, : m.prefill_tokens]
+        return self._speed_ids
+
     def measure(self, checkpoint: Path | None = None) -> dict:
         """Perplexity, parameters, size and speed of the model as it is now."""
         m, model = self.recipe.measure, self.loaded.model
@@ -253,7 +266,7 @@ class _Context:
         if m.ppl_windows:
             out["ppl"] = perplexity(model, self.test_ids(), seqlen=m.ppl_seqlen, windows=m.ppl_windows, bos=self.bos,
                                     progress=False).perplexity
-        ids = self.test_ids()[:, : m.prefill_tokens]
+        ids = self.speed_ids()
         costs = measure_costs({"model": model}, ids, repeats=m.repeats, new_tokens=m.new_tokens,
                               decode=m.speed)["models"]["model"]
         keep = ("params", "nonzero_params", "flops_per_token") + (("prefill_s", "decode_tok_s") if m.speed else ())
@@ -400,7 +413,7 @@ def _finish(recipe: Recipe, state: dict, ctx: _Context, out: Path, overwrite: bo
     loaded = ctx.loaded
     original = load_model(recipe.model, dtype=dtype).model
     m = recipe.measure
-    ids = ctx.test_ids()[:, : m.prefill_tokens]
+    ids = ctx.speed_ids()
     comparison = measure_costs({"original": original, "compressed": loaded.model}, ids, repeats=max(m.repeats, 3),
                                new_tokens=m.new_tokens, decode=m.speed)
     del original
