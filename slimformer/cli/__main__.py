@@ -1,0 +1,7 @@
+"""``python -m slimformer.cli``: the same as the ``slimformer`` command."""
+
+import sys
+
+from slimformer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,169 @@
+"""The parser of every verb, built from plain names so that `--help` answers before any heavy import."""
+
+from __future__ import annotations
+
+import argparse
+
+# The parser is built from these names alone, so `--help` and argument errors answer before torch,
+# transformers or Ray are imported (seconds). Each equals the library's own list; a test checks that.
+ALIASES = ("smollm2-135m", "minilm-l6")
+DTYPES = ("float32", "bfloat16", "float16")
+BOS_MODES = ("auto", "every", "once")
+PROPAGATE = ("compressed", "sequential", "dense")
+SPACES = ("small", "medium", "layer", "large")
+OBJECTIVES = ("error", "params", "flops", "latency")
+STRATEGIES = ("random", "local", "nsga2")
+BACKENDS = ("local", "ray")
+GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
+SOURCES_HELP = "wikitext2[:test|valid], text:PATH (or PATH.txt), jsonl:PATH[:FIELD] (or PATH.jsonl)"
+TASKS_HELP = ("piqa, arc_easy, arc_challenge, boolq, hellaswag, winogrande, lambada, or a jsonl file (jsonl:PATH "
+              "or PATH.jsonl) in a multiple-choice, partial-scoring or language-modelling layout")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model, dtype, device and thread options every model-loading verb takes."""
+    p.add_argument("model", nargs="?", default=ALIASES[0],
+                   help=f"alias ({', '.join(ALIASES)}), local HF directory, .gguf file or hub id")
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code to run")
+
+
+def add_bos_arg(p: argparse.ArgumentParser) -> None:
+    """``--bos``: which windows start with the tokenizer's BOS."""
+    p.add_argument("--bos", default="auto", choices=BOS_MODES,
+                   help="which windows start with the tokenizer's BOS: every one, or once in front of the whole "
+                        "text as the papers slice it (auto: once for Llama and OPT, every for the other families)")
+
+
+def add_remove_blocks_parser(sub, helps: dict[str, str]) -> None:
+    """``remove-blocks``: SLEB, its one-shot variant, or block influence."""
+    p = sub.add_parser("remove-blocks", help=helps["remove-blocks"])
+    add_model_args(p)
+    p.add_argument("--method", default="sleb", choices=["sleb", "oneshot", "influence"],
+                   help="sleb: greedy, loss-verified rounds; oneshot: one scoring round; influence: ShortGPT")
+    count = p.add_mutually_exclusive_group(required=True)
+    count.add_argument("--blocks", type=int, help="number of blocks to remove")
+    count.add_argument("--ratio", type=float, help="fraction of the blocks to remove, in (0, 1)")
+    add_bos_arg(p)
+    p.add_argument("--protect", type=int, nargs="*", default=[0, -1], help="blocks never removed (default: first, last)")
+    p.add_argument("--calib", default="wikitext2:valid", help=f"calibration source: {SOURCES_HELP}")
+    p.add_argument("--nsamples", type=int, default=1, help="SLEB's search cost grows with the sample count")
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
+    p.add_argument("--out", required=True, help="folder for the shallower model (stock transformers loads it)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def add_glue_parser(sub, helps: dict[str, str]) -> None:
+    """``glue``: fine-tune an encoder on one GLUE task and print its metric."""
+    p = sub.add_parser("glue", help=helps["glue"])
+    add_model_args(p)
+    p.add_argument("--task", required=True, help=f"GLUE task: {', '.join(GLUE_TASKS)}")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
+    p.add_argument("--train-limit", type=int, default=None, help="train on a seeded sample of N training examples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="folder for the fine-tuned classifier and glue.json")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def add_search_parsers(sub, helps: dict[str, str]) -> None:
+    """``search`` and ``extract``: structural search and cutting out one of its sub-networks."""
+    p = sub.add_parser("search", help=helps["search"])
+    add_model_args(p)
+    p.add_argument("--space", default="small", help=f"search space: {', '.join(SPACES)}")
+    p.add_argument("--objectives", default="error,params", help=f"comma-separated, from {', '.join(OBJECTIVES)}")
+    p.add_argument("--strategy", default="nsga2", help=f"{', '.join(STRATEGIES)}")
+    p.add_argument("--trials", type=int, default=100)
+    p.add_argument("--population", type=int, default=None, help="nsga2: individuals per generation")
+    p.add_argument("--task", default=None,
+                   help="encoders: glue:TASK, any GLUE task (two-stage search); decoders: a calibration source "
+                        f"({SOURCES_HELP}; default wikitext2:valid)")
+    p.add_argument("--backend", default="local", help=f"where candidates are evaluated: {', '.join(BACKENDS)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nsamples", type=int, default=8, help="decoders: calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="decoders: calibration window length")
+    p.add_argument("--epochs", type=int, default=3, help="encoders: fine-tuning epochs (reference and super-network)")
+    p.add_argument("--no-supernet", action="store_true", help="encoders: search the standard fine-tuned weights")
+    p.add_argument("--supernet-init", default="reference", choices=["reference", "pretrained"],
+                   help="encoders: start the super-network from the fine-tuned reference or the pre-trained weights")
+    p.add_argument("--random-subnets", type=int, default=2, help="sandwich rule: random sub-networks per step")
+    p.add_argument("--distill", default="inplace", choices=["inplace", "reference", "none"],
+                   help="encoders: what the smaller sub-networks learn from (the largest one's predictions, "
+                        "the fine-tuned reference's, or the labels)")
+    p.add_argument("--sampling", default="sized", choices=["sized", "uniform"],
+                   help="encoders: how the super-network's random sub-networks are drawn (a size first, or "
+                        "each head and unit count uniformly)")
+    p.add_argument("--train-limit", type=int, default=None, help="encoders: train on a seeded sample of N training examples")
+    p.add_argument("--max-length", type=int, default=128, help="encoders: tokens per example (longer ones are truncated)")
+    p.add_argument("--out", required=True, help="run folder (running again resumes the search)")
+    p = sub.add_parser("extract", help=helps["extract"])
+    p.add_argument("run", help="folder of a finished search")
+    p.add_argument("--trial", type=int, required=True, help="trial number (see search.json)")
+    p.add_argument("--out", required=True, help="folder for the smaller model")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def add_run_parsers(sub, helps: dict[str, str]) -> None:
+    """``run`` (a recipe) and ``report`` (rebuild a run folder's report)."""
+    p = sub.add_parser("run", help=helps["run"])
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("--model", default=None, help="use this model instead of the recipe's")
+    p.add_argument("--out", required=True, help="output folder (written when the recipe finishes)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p = sub.add_parser("report", help=helps["report"])
+    p.add_argument("run", help="run folder")
+
+
+def add_prune_parser(sub, helps: dict[str, str]) -> None:
+    """``prune``: magnitude, Wanda or SparseGPT, optionally fine-tuned after."""
+    p = sub.add_parser("prune", help=helps["prune"])
+    add_model_args(p)
+    p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt"])
+    add_bos_arg(p)
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights to zero, in [0, 1)")
+    p.add_argument("--pattern", default=None, help="N:M pattern such as 2:4 (sets the sparsity)")
+    p.add_argument("--targets", nargs="*", default=[], help="module names, suffixes or re:REGEX (default: block projections)")
+    p.add_argument("--ignore", nargs="*", default=[], help="modules to leave dense, same rules")
+    p.add_argument("--calib", default="wikitext2:valid", help=f"calibration source: {SOURCES_HELP}")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="calibration samples per block call")
+    p.add_argument("--propagate", default="sequential", choices=PROPAGATE,
+                   help="how pruned outputs feed the next block (see slimformer.calibration)")
+    p.add_argument("--scope", default="layer", choices=["layer", "global"], help="magnitude: threshold per matrix or global")
+    p.add_argument("--rounds", type=int, default=1, help="magnitude: iterative rounds up to the target")
+    p.add_argument("--round-steps", type=int, default=0, help="magnitude: fine-tune steps after each round")
+    p.add_argument("--blocksize", type=int, default=128, help="sparsegpt: column block size")
+    p.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: dampening, fraction of mean diag(H)")
+    p.add_argument("--finetune-steps", type=int, default=0, help="masked fine-tuning steps after pruning")
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
+    p.add_argument("--finetune-seqlen", type=int, default=512, help="crop samples to this length for fine-tuning")
+    p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
+    p.add_argument("--out", required=True, help="folder for the pruned model (stock transformers loads it)")
+    p.add_argument("--sparse-out", default=None, help="folder for a sparse-bitmask copy (smaller on disk)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+
+
+def add_eval_parser(sub, helps: dict[str, str]) -> None:
+    """``eval``: perplexity, zero-shot tasks and lm-evaluation-harness tasks."""
+    p = sub.add_parser("eval", help=helps["eval"])
+    add_model_args(p)
+    p.add_argument("--ppl", action="append", metavar="SOURCE", help=f"perplexity source: {SOURCES_HELP}")
+    p.add_argument("--windows", type=int, default=None, help="only the first N windows (default: all)")
+    p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--tasks", default=None, help=f"zero-shot tasks, comma-separated: {TASKS_HELP}")
+    p.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
+    p.add_argument("--lm-eval", default=None, help="lm-evaluation-harness task names, comma-separated")
+    p.add_argument("--lm-eval-include", default=None, help="folder of extra lm-eval task YAMLs (local data)")
+    p.add_argument("--out", default="eval.json", help="where to write the JSON results")
+    add_bos_arg(p)

@@ -1,0 +1,267 @@
+"""The verbs that load, compress, measure and report: each turns its flags into one library call."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slimformer.errors import SlimformerError
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Measure a model: perplexity on named sources, zero-shot tasks, lm-evaluation-harness tasks."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from slimformer.data import load_text, tokenize
+    from slimformer.data.tasks import load_task
+    from slimformer.evaluation import perplexity
+    from slimformer.files import write_json
+    from slimformer.machine import machine_info
+    from slimformer.models import load_model
+    from slimformer.records import EvalRecord
+
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    harness = [t for t in (args.lm_eval or "").split(",") if t]
+    sources = args.ppl or ([] if tasks or harness else ["wikitext2"])
+    texts = {s: load_text(s) for s in sources}  # read data before the slow model load fails late
+    for task in tasks:
+        load_task(task, limit=1)  # an unknown task or a broken file fails before loading too
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    if loaded.adapter.family.kind != "decoder":
+        raise SlimformerError(f"these measures need a decoder; '{args.model}' is a {loaded.adapter.family.name} "
+                              "encoder (see `slimformer search --task glue:…` for GLUE)")
+    results = {}
+    for source, text in texts.items():
+        ids = tokenize(loaded.tokenizer, text)
+        results[source] = perplexity(loaded.model, ids, seqlen=args.seqlen, windows=args.windows,
+                                     batch_size=args.batch_size, bos=loaded.window_bos(args.bos)).to_dict()
+    console = Console()
+    if results:
+        table = Table(title=f"slimformer eval — {args.model}")
+        for col in ("source", "perplexity", "windows × seqlen", "tokens/s", "seconds"):
+            table.add_column(col, justify="left" if col == "source" else "right")
+        for source, r in results.items():
+            table.add_row(source, f"{r['perplexity']:.3f}", f"{r['windows']} × {r['seqlen']}",
+                          f"{r['tokens_per_s']:.0f}", f"{r['seconds']:.1f}")
+        console.print(table)
+    zero_shot = {}
+    if tasks:
+        from slimformer.evaluation import evaluate_task
+
+        zero_shot = {t: evaluate_task(loaded.model, loaded.tokenizer, t, limit=args.limit) for t in tasks}
+        table = Table(title="zero-shot tasks")
+        for col in ("task", "layout", "acc", "acc_norm", "perplexity", "examples", "examples/s"):
+            table.add_column(col, justify="left" if col in ("task", "layout") else "right")
+        for t, r in zero_shot.items():
+            optional = [f"{r[k]:.4f}" if k in r else "" for k in ("acc_norm", "perplexity")]
+            table.add_row(t, r["layout"], f"{r['acc']:.4f}", *optional, str(r["examples"]), f"{r['examples_per_s']:.1f}")
+        console.print(table)
+    lm_eval = None
+    if harness:
+        from slimformer.evaluation import run_lm_eval
+
+        lm_eval = run_lm_eval(loaded.model, loaded.tokenizer, harness, limit=args.limit,
+                              include_path=args.lm_eval_include)
+        for task, metrics in lm_eval["results"].items():
+            console.print(f"lm-eval {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                         if isinstance(v, float)))
+    record = EvalRecord(model=args.model, source=loaded.source, dtype=args.dtype, perplexity=results, tasks=zero_shot,
+                        lm_eval=lm_eval, machine=machine_info())
+    write_json(args.out, record.to_dict())
+    print(f"results written to {args.out}")
+    return 0
+
+
+def _method_config(args: argparse.Namespace):
+    """The method config of ``prune`` from its flags; invalid values fail here, before any loading."""
+    from slimformer.methods import MagnitudeConfig, SparseGPTConfig, WandaConfig
+
+    common = dict(sparsity=args.sparsity, pattern=args.pattern, targets=tuple(args.targets), ignore=tuple(args.ignore))
+    if args.method == "magnitude":
+        return MagnitudeConfig(**common, scope=args.scope, rounds=args.rounds, finetune_steps=args.round_steps)
+    calibrated = dict(common, propagate=args.propagate, batch_size=args.batch_size, device=args.device)
+    if args.method == "wanda":
+        return WandaConfig(**calibrated)
+    return SparseGPTConfig(**calibrated, blocksize=args.blocksize, percdamp=args.percdamp)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """(block index, projection) of a module name such as ``model.layers.3.self_attn.q_proj``."""
+    parts = name.split(".")
+    index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    return (parts[index], parts[-1]) if index is not None else (name, "weight")
+
+
+def _sparsity_table(layers: dict):
+    """Blocks as rows, projections as columns, sparsity in percent."""
+    from rich.table import Table
+
+    cells: dict[str, dict[str, float]] = {}
+    for name, info in layers.items():
+        block, module = _split_name(name)
+        cells.setdefault(block, {})[module] = info["sparsity"]
+    columns = list(dict.fromkeys(c for row in cells.values() for c in row))
+    table = Table(title="sparsity per layer (%)")
+    table.add_column("block")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for block, row in cells.items():
+        table.add_row(block, *(f"{100 * row[c]:.1f}" if c in row else "" for c in columns))
+    return table
+
+
+def _one_step_recipe(args: argparse.Namespace, *steps, speed: bool):
+    """The recipe a compressing verb runs: its method (and recovery) on the flags' calibration and measurement."""
+    from slimformer.recipes import Calibration, Measure, Recipe
+
+    return Recipe(steps=steps, model=args.model, seed=args.seed, bos=args.bos,
+                  calibration=Calibration(args.calib, args.nsamples, args.seqlen),
+                  measure=Measure(ppl_windows=args.ppl_windows, speed=speed))
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune weights (magnitude, Wanda, SparseGPT), optionally fine-tune, and save the model."""
+    from rich.console import Console
+
+    from slimformer.methods import FinetuneConfig
+    from slimformer.recipes import run_recipe
+
+    finetune = (FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, seqlen=args.finetune_seqlen,
+                               device=args.device),) if args.finetune_steps else ()
+    recipe = _one_step_recipe(args, _method_config(args), *finetune, speed=False)
+    summary = run_recipe(recipe, args.out, overwrite=args.overwrite, dtype=args.dtype, sparse_out=args.sparse_out)
+    result = summary["steps"][0]["result"]
+    console = Console()
+    console.print(_sparsity_table(result["layers"]))
+    console.print(f"{result['method']}: sparsity {100 * result['summary']['sparsity']:.1f}% of "
+                  f"{result['summary']['pruned_modules']} projections in {result['seconds']:.1f} s, "
+                  f"peak RSS {result['peak_rss_gib']:.2f} GiB")
+    _print_outcome(console, summary, args)
+    return 0
+
+
+def _print_outcome(console, summary: dict, args: argparse.Namespace) -> None:
+    """Perplexities before and after each step, sizes, and where the model and its report are."""
+    if args.ppl_windows:
+        on = f"{args.ppl_windows} windows of WikiText-2 test"
+        console.print(f"perplexity before: {summary['before']['ppl']:.3f} ({on})")
+        for step in summary["steps"]:
+            console.print(f"perplexity after {step['result']['method']}: {step['after']['ppl']:.3f} ({on})")
+    for kind, size in summary["steps"][-1]["after"]["size_bytes"].items():
+        console.print(f"{kind} model: {size / 2**20:.1f} MiB")
+    for out in (args.out, summary.get("sparse_out")):
+        if out:
+            print(f"saved {out}")  # paths unwrapped, whatever the terminal's width
+    print(f"report: {summary['report_html']}")
+
+
+def cmd_remove_blocks(args: argparse.Namespace) -> int:
+    """Remove whole blocks (SLEB, its one-shot variant, or block influence) and save the shallower model."""
+    from rich.console import Console
+
+    from slimformer.methods import SLEBConfig
+    from slimformer.recipes import run_recipe
+
+    config = SLEBConfig(blocks=args.blocks, ratio=args.ratio, criterion=args.method.replace("sleb", "iterative"),
+                        protect=tuple(args.protect), batch_size=args.batch_size, device=args.device)
+    summary = run_recipe(_one_step_recipe(args, config, speed=True), args.out, overwrite=args.overwrite,
+                         dtype=args.dtype)
+    result = summary["steps"][0]["result"]
+    found = result["summary"]
+    console = Console()
+    console.print(f"removed blocks {found['removed']} (in the order chosen) in {result['seconds']:.1f} s: "
+                  f"{found['blocks_before']} → {found['blocks_after']} blocks, peak RSS {result['peak_rss_gib']:.2f} GiB")
+    _print_outcome(console, summary, args)
+    return 0
+
+
+def cmd_glue(args: argparse.Namespace) -> int:
+    """Fine-tune an encoder on one GLUE task and print the task's metrics on its dev set(s)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from slimformer.data.glue import glue_task, load_glue
+    from slimformer.evaluation import run_glue
+    from slimformer.files import write_json
+    from slimformer.machine import machine_info
+    from slimformer.models import load_model, save_model
+
+    info = glue_task(args.task)
+    for split in ("train", *info.dev_splits):
+        load_glue(info, split)  # missing or malformed data fails before the model loads
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise SlimformerError(f"output '{args.out}' exists; choose another path or pass --overwrite")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    if loaded.adapter.family.kind != "encoder":
+        raise SlimformerError(f"GLUE fine-tuning needs an encoder (bert, roberta); '{args.model}' is a "
+                              f"{loaded.adapter.family.name} decoder")
+    classifier, result = run_glue(loaded, loaded.tokenizer, info, epochs=args.epochs, lr=args.lr,
+                                  batch_size=args.batch_size, max_length=args.max_length,
+                                  train_limit=args.train_limit, seed=args.seed)
+    table = Table(title=f"GLUE {info.name} — {args.model}, {result['train_examples']} training examples, "
+                        f"{args.epochs} epoch(s)")
+    for col in ("dev split", *info.metrics, "examples"):
+        table.add_column(col, justify="left" if col == "dev split" else "right")
+    for split, m in result["metrics"].items():
+        table.add_row(split, *(f"{m[k]:.4f}" for k in info.metrics), str(m["examples"]))
+    console = Console()
+    console.print(table)
+    for split, m in result["metrics"].items():  # one plain line per split, whatever the terminal's width
+        console.print(f"{info.name} {split}: " + ", ".join(f"{k} {m[k]:.4f}" for k in info.metrics)
+                      + f" ({m['examples']} examples; trained on {result['train_examples']} training examples)")
+    if args.out:
+        save_model(classifier, loaded.tokenizer, args.out, overwrite=args.overwrite)
+        write_json(Path(args.out) / "glue.json", {"model": args.model, **result, "machine": machine_info()})
+        print(f"saved {args.out}")
+    return 0
+
+
+def _before_after_table(rows: list[dict], title: str):
+    """The report's before/after rows as a table (the same figures report.html shows)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("figure", "before", "after", "change"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    for r in rows:
+        table.add_row(r["metric"], _fmt(r.get("before"), r["key"]), _fmt(r.get("after"), r["key"]),
+                      f"{r['change']:.3f}×" if r.get("change") is not None else "")
+    return table
+
+
+def _fmt(value, key: str) -> str:
+    if value is None:
+        return ""
+    if key == "size_bytes":
+        return f"{value / 2**20:.1f} MiB"
+    if key in ("params", "nonzero_params", "flops_per_token"):
+        return f"{value / 1e6:.1f} M"
+    if key == "sparsity":
+        return f"{100 * value:.1f}%"
+    if key == "blocks":
+        return f"{value:.0f}"
+    return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a recipe (a YAML list of steps) end to end: the compressed model, its figures and report."""
+    from rich.console import Console
+
+    from slimformer.recipes import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe)  # an invalid recipe fails here, before any work
+    summary = run_recipe(recipe, args.out, model=args.model, overwrite=args.overwrite)
+    console = Console()
+    console.print(_before_after_table(summary["before_after"], f"{args.model or recipe.model}: before → after"))
+    console.print(f"model: {args.out}\nreport: {summary['report_html']}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild report.json and report.html of a run folder."""
+    from slimformer.report import build_report
+
+    json_path, html_path = build_report(args.run)
+    print(f"report: {html_path}\nfigures: {json_path}")
+    return 0
