@@ -65,14 +65,14 @@ def variants(w: torch.Tensor) -> dict[str, tuple]:
             torch.bfloat16, dq4)
     linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
     linear.weight.data = w.clone()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantize_dynamic is deprecated in torch 2.13; measured as the W8A8 peer
 
-        def dynamic():
+    def dynamic():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantize_dynamic is deprecated in torch 2.13; measured as the W8A8 peer
             return torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear},
                                                           dtype=torch.qint8)
 
-        reference = dynamic()
+    reference = dynamic()
     found["dynamic int8 (W8A8)"] = (dynamic, lambda x, c: c(x), torch.float32,
                                     reference[0].weight().dequantize())
     return found
