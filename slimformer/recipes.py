@@ -230,6 +230,7 @@ class _Context:
     def __init__(self, recipe: Recipe, loaded: LoadedModel, progress: bool):
         self.recipe, self.loaded, self.progress = recipe, loaded, progress
         self._samples = None
+        self._calibration_ids = None
         self._test_ids = None
         self._speed_ids = None
         self.bos = loaded.window_bos(recipe.bos)
@@ -238,9 +239,13 @@ class _Context:
     def samples(self) -> torch.Tensor:
         if self._samples is None:  # drawn once, seeded: a resumed run draws the same ones
             c = self.recipe.calibration
-            ids = tokenize(self.loaded.tokenizer, load_text(c.source))
-            self._samples = sample_windows(ids, c.nsamples, c.seqlen, self.recipe.seed, bos=self.bos)
+            self._samples = sample_windows(self.calibration_ids(), c.nsamples, c.seqlen, self.recipe.seed, bos=self.bos)
         return self._samples
+
+    def calibration_ids(self) -> torch.Tensor:
+        if self._calibration_ids is None:
+            self._calibration_ids = tokenize(self.loaded.tokenizer, load_text(self.recipe.calibration.source))
+        return self._calibration_ids
 
     def test_ids(self) -> torch.Tensor:
         if self._test_ids is None:
@@ -254,8 +259,7 @@ class _Context:
         """
         if self._speed_ids is None:
             m = self.recipe.measure
-            ids = self.test_ids() if m.ppl_windows else tokenize(self.loaded.tokenizer,
-                                                                 load_text(self.recipe.calibration.source))
+            ids = self.test_ids() if m.ppl_windows else self.calibration_ids()
             self._speed_ids = ids.repeat(1, -(-m.prefill_tokens // ids.shape[1]))[:, : m.prefill_tokens]
         return self._speed_ids
 

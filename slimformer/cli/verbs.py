@@ -181,15 +181,14 @@ def cmd_glue(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from slimformer.data.glue import glue_task, load_glue
-    from slimformer.evaluation import run_glue
+    from slimformer.data.glue import glue_task
+    from slimformer.evaluation.glue import glue_data, run_glue
     from slimformer.files import write_json
     from slimformer.machine import machine_info
     from slimformer.models import load_model, save_model
 
     info = glue_task(args.task)
-    for split in ("train", *info.dev_splits):
-        load_glue(info, split)  # missing or malformed data fails before the model loads
+    data = glue_data(info)  # missing or malformed data fails before the model loads
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise SlimformerError(f"output '{args.out}' exists; choose another path or pass --overwrite")
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
@@ -198,7 +197,7 @@ def cmd_glue(args: argparse.Namespace) -> int:
                               f"{loaded.adapter.family.name} decoder")
     classifier, result = run_glue(loaded, loaded.tokenizer, info, epochs=args.epochs, lr=args.lr,
                                   batch_size=args.batch_size, max_length=args.max_length,
-                                  train_limit=args.train_limit, seed=args.seed)
+                                  train_limit=args.train_limit, seed=args.seed, data=data)
     table = Table(title=f"GLUE {info.name} — {args.model}, {result['train_examples']} training examples, "
                         f"{args.epochs} epoch(s)")
     for col in ("dev split", *info.metrics, "examples"):

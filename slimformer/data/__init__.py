@@ -1,10 +1,9 @@
 """Data: named text sources read from a data directory, tokenisation, calibration samples."""
 
 from slimformer.data.sources import SOURCES_HELP, data_dir, load_text, tokenize
-from slimformer.data.sampling import calibration_samples, sample_windows, strip_bos, with_bos
+from slimformer.data.sampling import calibration_samples, cut_windows, sample_windows
 
-__all__ = ["SOURCES_HELP", "calibration_samples", "data_dir", "load_text", "sample_windows", "strip_bos", "tokenize",
-           "with_bos"]
+__all__ = ["SOURCES_HELP", "calibration_samples", "cut_windows", "data_dir", "load_text", "sample_windows", "tokenize"]
 from slimformer.data.glue import GLUE_TASKS, GlueExample, TaskInfo, glue_task, load_glue
 
 __all__ += ["GLUE_TASKS", "GlueExample", "TaskInfo", "glue_task", "load_glue"]

@@ -283,26 +283,37 @@ def finetune_classifier(
     return {"losses": losses, "seconds": time.perf_counter() - start, "steps": len(losses)}
 
 
+def check_max_length(model: nn.Module, max_length: int) -> None:
+    """Fail clearly when ``max_length`` exceeds the encoder's position embeddings."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise SlimformerError(f"max_length {max_length} is longer than the model's {positions} positions")
+
+
+def glue_data(task: str | TaskInfo) -> tuple[list[GlueExample], dict[str, list[GlueExample]]]:
+    """A task's training examples and its dev splits by name (every file read and checked)."""
+    info = glue_task(task)
+    return load_glue(info, "train"), {split: load_glue(info, split) for split in info.dev_splits}
+
+
 def run_glue(model_or_spec: PreTrainedModel | LoadedModel | str, tokenizer, task: str | TaskInfo, *,
              epochs: int = 3, lr: float = 5e-5, batch_size: int = 32, max_length: int = 128,
-             train_limit: int | None = None, seed: int = 0, progress: bool = True) -> tuple[nn.Module, dict]:
+             train_limit: int | None = None, seed: int = 0, progress: bool = True,
+             data: tuple[list[GlueExample], dict[str, list[GlueExample]]] | None = None) -> tuple[nn.Module, dict]:
     """Fine-tune a classifier on an encoder for a GLUE task and evaluate it on every dev split.
 
     ``train_limit`` trains on a seeded sample of that many training examples (not the head of
-    the file: SST-2's is sorted). Returns the classifier and ``{task, metrics per dev split,
-    training figures}``.
+    the file: SST-2's is sorted). ``data`` is :func:`glue_data`'s result when the caller has
+    read it already. Returns the classifier and ``{task, metrics per dev split, training figures}``.
     """
     info = glue_task(task)
-    train = load_glue(info, "train")
-    devs = {split: load_glue(info, split) for split in info.dev_splits}  # a missing file fails before training
+    train, devs = data if data is not None else glue_data(info)  # a missing file fails before training
     if train_limit is not None:
         if train_limit < 1:
             raise SlimformerError(f"train_limit must be at least 1, not {train_limit}")
         train = random.Random(seed).sample(train, min(train_limit, len(train)))
     classifier = classifier_from(model_or_spec, info.num_labels, seed=seed)
-    positions = getattr(classifier.config, "max_position_embeddings", None)
-    if positions is not None and max_length > positions:
-        raise SlimformerError(f"max_length {max_length} is longer than the model's {positions} positions")
+    check_max_length(classifier, max_length)
     trained = finetune_classifier(classifier, tokenizer, train, epochs=epochs, lr=lr, batch_size=batch_size,
                                   max_length=max_length, seed=seed, progress=progress)
     metrics = {split: evaluate_classifier(classifier, tokenizer, examples, max_length=max_length, task=info)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from slimformer.data.sampling import strip_bos, with_bos
+from slimformer.data.sampling import cut_windows
 from slimformer.errors import SlimformerError
 from slimformer.models.adapters import get_adapter, next_token_nll
 
@@ -50,22 +50,6 @@ def window_nll(model, windows: torch.Tensor) -> list[float]:
     adapter = get_adapter(model)
     hidden = adapter.base(input_ids=windows, use_cache=False).last_hidden_state
     return (next_token_nll(adapter, hidden, windows) / (windows.shape[1] - 1)).tolist()
-
-
-def cut_windows(ids: torch.Tensor, seqlen: int, windows: int | None = None, *, bos: int | None = None) -> torch.Tensor:
-    """Non-overlapping ``(count, seqlen)`` windows of ``ids`` (shape ``(1, L)``); the tail shorter than one is dropped.
-
-    With ``bos``, each window is ``bos`` then the next ``seqlen − 1`` tokens of the text (its
-    own leading ``bos`` removed), so every text token is predicted once, each window starting
-    as the model's inputs start in use; without, windows are cut from ``ids`` as they are.
-    """
-    text = strip_bos(ids, bos)
-    span = seqlen - (bos is not None)
-    available = text.shape[-1] // span if span > 0 else 0
-    count = available if windows is None else min(windows, available)
-    if count < 1:
-        raise SlimformerError(f"the text has {ids.shape[-1]} tokens, fewer than one window of {seqlen}")
-    return with_bos(text[0, : count * span].view(count, span), bos)
 
 
 @torch.no_grad()

@@ -244,15 +244,15 @@ def next_token_nll(adapter: Adapter, hidden: torch.Tensor, ids: torch.Tensor, ch
     ``chunk`` rows at a time, so the ``(T, vocabulary)`` float32 logits of a whole window (2 GiB
     for a 262,144-token vocabulary at 2048 tokens) never exist at once. Returns ``(B,)`` float64.
     """
-    sums = torch.zeros(hidden.shape[0], dtype=torch.float64)
     device = adapter.head.weight.device
+    sums = torch.zeros(hidden.shape[0], dtype=torch.float64, device=device)
     for b in range(hidden.shape[0]):
         h, target = hidden[b, :-1].to(device), ids[b, 1:].to(device)
         for a in range(0, h.shape[0], chunk):
             logits = adapter.logits(h[a : a + chunk]).float()
             picked = logits.gather(1, target[a : a + chunk, None])[:, 0]
-            sums[b] += (torch.logsumexp(logits, -1) - picked).double().sum().item()
-    return sums
+            sums[b] += (torch.logsumexp(logits, -1) - picked).double().sum()
+    return sums.cpu()  # one device sync, not one per chunk
 
 
 def get_adapter(model: PreTrainedModel) -> Adapter:

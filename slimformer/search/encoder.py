@@ -33,7 +33,8 @@ import torch
 
 from slimformer.data.glue import glue_task, load_glue
 from slimformer.errors import SlimformerError
-from slimformer.evaluation.glue import batches, classifier_from, evaluate_classifier, finetune_classifier
+from slimformer.evaluation.glue import (batches, check_max_length, classifier_from, evaluate_classifier,
+                                         finetune_classifier)
 from slimformer.models.adapters import get_adapter
 from slimformer.search.importance import classifier_loss, mask_gradient_importance
 from slimformer.search.objectives import Objective
@@ -79,13 +80,6 @@ def task_splits(task: str, config: SearchConfig) -> tuple[object, list, list, li
     return info, train, search_valid, dev
 
 
-def check_max_length(model, config: SearchConfig) -> None:
-    """Fail clearly when ``config.max_length`` exceeds the encoder's position embeddings."""
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and config.max_length > positions:
-        raise SlimformerError(f"max_length {config.max_length} is longer than the model's {positions} positions")
-
-
 def select_schedule(pretrained, tokenizer, task: str, config: SearchConfig,
                     grid: list[tuple[float, float]], *,
                     progress: bool = True) -> tuple[SearchConfig, list[dict], torch.nn.Module]:
@@ -99,7 +93,7 @@ def select_schedule(pretrained, tokenizer, task: str, config: SearchConfig,
     """
     if not grid:
         raise SlimformerError("the schedule grid is empty")
-    check_max_length(pretrained, config)
+    check_max_length(pretrained, config.max_length)
     info, train, search_valid, dev = task_splits(task, config)
     if not search_valid:
         raise SlimformerError("choosing a schedule needs held-out examples (search_valid > 0)")
@@ -125,7 +119,7 @@ def train_stage1(pretrained, tokenizer, task: str, config: SearchConfig, *, refe
     ``config``'s schedule (e.g. :func:`select_schedule`'s winner), used as is; ``timing``
     then has no ``reference_finetune_s``.
     """
-    check_max_length(pretrained, config)
+    check_max_length(pretrained, config.max_length)
     info, train, _, _ = task_splits(task, config)
     finetune = dict(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, max_length=config.max_length,
                     seed=config.seed, progress=progress)

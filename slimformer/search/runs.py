@@ -25,7 +25,8 @@ from slimformer.search.pareto import plot_front
 from slimformer.search.space import Importance, SearchSpace, extract
 from slimformer.search.strategies import SearchResult
 from slimformer.search.decoder import decoder_importance, decoder_search
-from slimformer.search.encoder import Stage1, check_max_length, encoder_search, train_stage1
+from slimformer.evaluation.glue import check_max_length
+from slimformer.search.encoder import Stage1, encoder_search, train_stage1
 from slimformer.search.structural import SearchConfig
 
 
@@ -72,7 +73,7 @@ def run_search_job(model: str, task: str | None, config: SearchConfig, out: str 
                "seqlen": seqlen, "dtype": dtype}
     if kind == "encoder":
         glue_task(task)  # an unknown task or too long an input fails before the folder is made
-        check_max_length(loaded.model, config)
+        check_max_length(loaded.model, config.max_length)
     _open_run(out, request)
     storage = out / "study.journal"
     if kind == "encoder":
