@@ -11,6 +11,7 @@ from slimformer import SlimformerError, get_adapter, load_model, save_model
 from slimformer.cli import main
 from slimformer.methods import FinetuneConfig, MagnitudeConfig, SparseGPTConfig, WandaConfig, apply, select_linears
 from slimformer.methods import pruning_math as pm
+from slimformer.methods.obs import sparsegpt_prune
 from slimformer.models import weight_matrix
 
 CASES = {
@@ -108,7 +109,7 @@ def test_sparsegpt_uses_the_calibration_hessian(propagate):
     reference = tiny_model("llama")
     q = get_adapter(reference).linears(get_adapter(reference).blocks[0])["q"]
     X = block0_inputs(get_adapter(reference), samples, q)
-    expected, _ = pm.sparsegpt_prune(q.weight.data, 2 * X.T @ X / 4, 0.5, blocksize=16)
+    expected, _ = sparsegpt_prune(q.weight.data, 2 * X.T @ X / 4, 0.5, blocksize=16)
     model, adapter, _ = pruned("llama", SparseGPTConfig(0.5, blocksize=16, propagate=propagate))
     assert_close_scaled(adapter.linears(adapter.blocks[0])["q"].weight.data, expected, rel=1e-3)  # OBS updates amplify H's rounding
 
@@ -116,21 +117,21 @@ def test_sparsegpt_uses_the_calibration_hessian(propagate):
 @pytest.mark.parametrize("propagate", ["sequential", "compressed"])
 def test_projections_fed_the_same_input_share_one_statistic(propagate):
     from slimformer.calibration import BlockRunner
-    from slimformer.methods.pruning import _PruneVisitor
+    from slimformer.methods.pruning import prune_visitor
 
     adapter = get_adapter(tiny_model("llama"))
     config = SparseGPTConfig(0.5, propagate=propagate)
-    visitor = _PruneVisitor(adapter, select_linears(adapter), config)
+    visitor = prune_visitor(adapter, select_linears(adapter), config)
     BlockRunner(adapter, random_ids(3, 16), progress=False).run(visitor, propagate=propagate)
     stats = {name.rsplit(".", 1)[-1]: id(stat) for name, stat in visitor.stats.items()}  # the last block's
     assert stats["q_proj"] == stats["k_proj"] == stats["v_proj"] and stats["gate_proj"] == stats["up_proj"]
     assert len(set(stats.values())) == 4  # q/k/v, o, gate/up, down
-    assert visitor.stats["model.layers.2.self_attn.q_proj"][1] == 3  # every sample counted once
+    assert visitor.stats["model.layers.2.self_attn.q_proj"].sequences == 3  # every sample counted once
 
 
 @pytest.mark.parametrize("width", [24, 1100])
 def test_upper_gram_accumulates_the_gram_matrix(width):
-    from slimformer.methods.pruning import add_upper_gram
+    from slimformer.methods.statistics import add_upper_gram
 
     x, y = torch.randn(50, width), torch.randn(30, width)
     H = torch.zeros(width, width)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import assert_close_scaled
+from slimformer.methods.obs import sparsegpt_prune
 from slimformer.methods.pruning_math import (
     apply_mask,
     mask_global,
@@ -11,7 +12,6 @@ from slimformer.methods.pruning_math import (
     mask_per_matrix,
     mask_per_row,
     parse_pattern,
-    sparsegpt_prune,
     wanda_scores,
 )
 

@@ -13,6 +13,7 @@ sparse tensor cores; for speed on any hardware, remove blocks or heads instead.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -22,6 +23,8 @@ from slimformer.calibration import PROPAGATE, BlockRunner
 from slimformer.errors import SlimformerError
 from slimformer.methods import pruning_math as pm
 from slimformer.methods.base import MethodResult, config_dict, register, select_linears
+from slimformer.methods.obs import sparsegpt_prune
+from slimformer.methods.statistics import InputStats, StatsVisitor
 from slimformer.models.adapters import Adapter, weight_matrix
 
 
@@ -171,71 +174,27 @@ def magnitude(adapter: Adapter, config: MagnitudeConfig, samples: torch.Tensor |
     return _result(config, modules, rounds=rounds)
 
 
-def add_upper_gram(H: torch.Tensor, x: torch.Tensor, block: int | None = None) -> None:
-    """Add the block-upper triangle of ``xᵀx`` to ``H`` in place (``x``: tokens × width).
+def _prune_with(config: CalibratedConfig) -> Callable[[str, nn.Module, InputStats], None]:
+    """Wanda's or SparseGPT's change of one module, given the statistics of its inputs."""
 
-    The Gram matrix is symmetric: computing only the block rows right of the diagonal saves a
-    third of the multiply-adds, which dominate SparseGPT's calibration after the forward passes
-    (about 30% less time at width 1536 on a CPU; below width 1024 the smaller products lose
-    more in efficiency than they save, so one full product is used). Below the diagonal blocks
-    ``H`` stays untouched; ``H.triu() + H.triu(1).T`` is the whole matrix.
-    """
-    width = x.shape[1]
-    block = block or (384 if width >= 1024 else width)
-    for a in range(0, width, block):
-        H[a : a + block, a:].addmm_(x[:, a : a + block].T, x[:, a:])
-
-
-class _PruneVisitor:
-    """Block visitor of Wanda and SparseGPT: gathers per-input statistics, then prunes each module.
-
-    Modules fed the very same input tensor (q/k/v, gate/up) share one statistic, computed once.
-    """
-
-    def __init__(self, adapter: Adapter, modules: dict[str, nn.Module], config: CalibratedConfig):
-        self.adapter, self.modules, self.config = adapter, modules, config
-        self.hessian = isinstance(config, SparseGPTConfig)
-        self.stats: dict[str, list] = {}  # name -> [statistic, number of sequences]
-        self.last: dict[int, tuple[torch.Tensor, str]] = {}  # batch -> (its last input seen, by which module)
-
-    def targets(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
-        self.stats.clear()
-        self.last.clear()
-        prefix = f"{self.adapter.block_prefix}.{index}."
-        return {n: m for n, m in self.modules.items() if n.startswith(prefix)}
-
-    def observe(self, name: str, module: nn.Module, inputs: torch.Tensor, batch: int) -> None:
-        last = self.last.get(batch)
-        if last is not None and last[0] is inputs:
-            self.stats[name] = self.stats[last[1]]
-            return
-        self.last[batch] = (inputs, name)
-        sequences = inputs.shape[0] if inputs.ndim == 3 else 1
-        x = inputs.reshape(-1, inputs.shape[-1]).float()  # (tokens, in)
-        entry = self.stats.get(name)
-        if entry is None:
-            width = x.shape[1]
-            entry = self.stats[name] = [x.new_zeros((width, width) if self.hessian else (width,)), 0]
-        if self.hessian:
-            add_upper_gram(entry[0], x)
-        else:
-            entry[0] += (x * x).sum(0)
-        entry[1] += sequences
-
-    def compress(self, name: str, module: nn.Module) -> None:
-        if name not in self.stats:
-            raise SlimformerError(f"{name} saw no calibration input")
-        stat, sequences = self.stats[name]
+    def compress(name: str, module: nn.Module, stats: InputStats) -> None:
         W = weight_matrix(module)
-        cfg = self.config
-        if self.hessian:
-            H = (stat.triu() + stat.triu(1).T) * (2.0 / sequences)  # SparseGPT's 2·XᵀX / n, made whole
-            new, _ = pm.sparsegpt_prune(W, H, cfg.sparsity, cfg.pattern, cfg.blocksize, cfg.percdamp)
+        if isinstance(config, SparseGPTConfig):
+            new, _ = sparsegpt_prune(W, stats.full_hessian(), config.sparsity, config.pattern, config.blocksize,
+                                     config.percdamp)
             W.copy_(new)
         else:
-            score = pm.wanda_scores(W.float(), stat)
-            mask = pm.mask_n_m(score, *cfg.n_m) if cfg.n_m else pm.mask_per_row(score, cfg.sparsity)
+            score = pm.wanda_scores(W.float(), stats.sqnorm)
+            mask = pm.mask_n_m(score, *config.n_m) if config.n_m else pm.mask_per_row(score, config.sparsity)
             pm.apply_mask(W, mask)
+
+    return compress
+
+
+def prune_visitor(adapter: Adapter, modules: dict[str, nn.Module], config: CalibratedConfig) -> StatsVisitor:
+    """The block visitor of Wanda (input norms) or SparseGPT (input Hessians)."""
+    kind = "hessian" if isinstance(config, SparseGPTConfig) else "sqnorm"
+    return StatsVisitor(adapter, modules, (kind,), _prune_with(config))
 
 
 def _calibrated(adapter: Adapter, config: CalibratedConfig, samples: torch.Tensor | None) -> MethodResult:
@@ -246,7 +205,7 @@ def _calibrated(adapter: Adapter, config: CalibratedConfig, samples: torch.Tenso
     check_pattern_fits(modules, config.n_m)
     runner = BlockRunner(adapter, samples, batch_size=config.batch_size, device=config.device)
     with torch.no_grad():
-        runner.run(_PruneVisitor(adapter, modules, config), propagate=config.propagate, desc=config.method)
+        runner.run(prune_visitor(adapter, modules, config), propagate=config.propagate, desc=config.method)
     return _result(config, modules, samples=int(samples.shape[0]), seqlen=int(samples.shape[1]))
 
 

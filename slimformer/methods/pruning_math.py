@@ -1,4 +1,4 @@
-"""Pure tensor maths of one-shot weight pruning: masks, Wanda scores and SparseGPT's weight reconstruction."""
+"""Pure tensor maths of one-shot weight pruning: masks and Wanda scores (SparseGPT's reconstruction is in ``obs``)."""
 
 import torch
 
@@ -25,7 +25,8 @@ def _num_pruned(total: int, sparsity: float) -> int:
     return int(total * sparsity)
 
 
-def _check_n_m(in_features: int, n: int, m: int) -> None:
+def check_n_m(in_features: int, n: int, m: int) -> None:
+    """Fail when N:M is not 0 < N < M or M does not divide the layer width."""
     if not 0 < n < m:
         raise ValueError(f"N:M sparsity needs 0 < N < M, got {n}:{m}")
     if in_features % m:
@@ -65,7 +66,7 @@ def mask_global(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tenso
 def mask_n_m(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Prune the m - n lowest scores in every group of m consecutive input columns of each row."""
     rows, cols = score.shape
-    _check_n_m(cols, n, m)
+    check_n_m(cols, n, m)
     groups = score.reshape(rows, cols // m, m)
     lowest = torch.sort(groups, dim=2, stable=True).indices[..., : m - n]  # (rows, cols // m, m - n)
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, lowest, True).view(rows, cols)
@@ -82,75 +83,3 @@ def wanda_scores(W: torch.Tensor, in_norm_sq: torch.Tensor) -> torch.Tensor:
 def apply_mask(W: torch.Tensor, mask: torch.Tensor) -> None:
     """Zero W in place where mask is True."""
     W.masked_fill_(mask, 0)
-
-
-def _cholesky(A: torch.Tensor, upper: bool = False) -> torch.Tensor:
-    factor, info = torch.linalg.cholesky_ex(A, upper=upper)
-    if info.item() != 0:
-        raise ValueError(
-            "SparseGPT: the Hessian is not positive definite; "
-            "more calibration samples or a larger percdamp help"
-        )
-    return factor
-
-
-def _prune_block(
-    W1: torch.Tensor, Hinv1: torch.Tensor, sparsity: float, n_m: tuple[int, int] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune one column block of SparseGPT in place; return its mask and its scaled errors for the lazy update.
-
-    Hinv1 is the block's part of the upper Cholesky factor of H^-1: Hinv1[j, j] ** 2 is the inverse-Hessian
-    diagonal left once the columns before j are fixed, i.e. the OBS denominator of column j.
-    """
-    d = torch.diagonal(Hinv1)  # (count,)
-    if n_m is None:
-        mask1 = mask_per_matrix(W1**2 / d**2, sparsity)  # chosen once per block, as in the reference
-    else:
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
-    Err1 = torch.zeros_like(W1)  # (rows, count)
-    for i in range(W1.shape[1]):
-        if n_m is not None and i % n_m[1] == 0:
-            n, m = n_m
-            mask1[:, i : i + m] = mask_n_m(W1[:, i : i + m] ** 2 / d[i : i + m] ** 2, n, m)
-        q = W1[:, i].masked_fill(mask1[:, i], 0)
-        err = (W1[:, i] - q) / d[i]
-        # OBS update of the block's remaining columns; column i itself is set to q exactly, so pruned entries are 0.
-        W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)  # in place: no (rows, count) temporary
-        W1[:, i] = q
-        Err1[:, i] = err
-    return mask1, Err1
-
-
-def sparsegpt_prune(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    sparsity: float,
-    pattern: str | None = None,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prune W with SparseGPT (Frantar & Alistarh 2023, arXiv:2301.00774); return (new weight, mask).
-
-    Follows the reference SparseGPT.fasterprune. H is the (in, in) Hessian 2 X^T X / n of the layer's
-    calibration inputs, used as given. With an N:M pattern, sparsity is ignored. Does not modify W or H.
-    """
-    n_m = parse_pattern(pattern)
-    cols = W.shape[1]
-    Wf = W.detach().float().clone()  # (rows, cols)
-    H = H.detach().to(device=Wf.device, dtype=torch.float32).clone()  # (cols, cols)
-    dead = torch.diagonal(H) == 0  # inputs that are always zero: their weights cannot matter
-    H[dead, dead] = 1
-    Wf[:, dead] = 0
-    H.diagonal().add_(percdamp * torch.diagonal(H).mean())
-    Hinv = _cholesky(torch.cholesky_inverse(_cholesky(H)), upper=True)  # (cols, cols), upper triangular
-    if n_m is not None:
-        _check_n_m(cols, *n_m)
-        blocksize = max(n_m[1], blocksize - blocksize % n_m[1])  # an N:M group must not straddle two blocks
-    mask = torch.zeros_like(Wf, dtype=torch.bool)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = Wf[:, i1:i2].clone()
-        mask[:, i1:i2], Err1 = _prune_block(W1, Hinv[i1:i2, i1:i2], sparsity, n_m)
-        Wf[:, i1:i2] = W1
-        Wf[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of all later columns
-    return Wf.to(W.dtype), mask

@@ -1,0 +1,162 @@
+"""The one Optimal-Brain-Surgeon column loop of SparseGPT and GPTQ: prune and/or quantize a weight with its Hessian.
+
+Both papers process the columns of ``W`` (rows × cols) left to right: column ``j`` is fixed
+(pruned and/or rounded), and its error, divided by the inverse-Hessian diagonal left once the
+columns before ``j`` are fixed, is spread over the columns not yet fixed. The upper Cholesky
+factor of ``H⁻¹`` gives those quantities for all columns at once; updates inside a block of
+``blocksize`` columns are immediate, those to later columns are batched per block (the "lazy
+batch" of GPTQ, Frantar et al. 2022, arXiv:2210.17323, §4). SparseGPT (Frantar & Alistarh 2023,
+arXiv:2301.00774) is this loop with a mask; with a quantization scheme too it is the paper's
+joint sparsity + quantization (§3.4), and a pruned weight stays exactly zero after rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from slimformer.methods import pruning_math as pm
+from slimformer.models.quantizer import QuantizedWeight, QuantScheme, qparams, quantize, search_shrink
+
+
+@dataclass
+class ObsResult:
+    """The new float weight, its pruning mask (True = pruned) and, when quantized, its codes."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+    quantized: QuantizedWeight | None = None
+
+
+def _cholesky(A: torch.Tensor, upper: bool = False) -> torch.Tensor:
+    factor, info = torch.linalg.cholesky_ex(A, upper=upper)
+    if info.item() != 0:
+        raise ValueError("the Hessian is not positive definite; more calibration samples or a larger percdamp help")
+    return factor
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = percdamp · mean diag(H)``."""
+    H = H.clone()
+    H.diagonal().add_(percdamp * torch.diagonal(H).mean())
+    return _cholesky(torch.cholesky_inverse(_cholesky(H)), upper=True)
+
+
+def _params(w: torch.Tensor, scheme: QuantScheme, mse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return qparams(w, scheme, search_shrink(w, scheme) if mse else 1.0)
+
+
+def obs_compress(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    sparsity: float = 0.0,
+    pattern: str | None = None,
+    scheme: QuantScheme | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    mse: bool = False,
+    keep_zeros: bool = False,
+) -> ObsResult:
+    """Prune (``sparsity`` or an N:M ``pattern``) and/or quantize (``scheme``) W with the Hessian H of its inputs.
+
+    ``H`` is ``2 XᵀX / n``, used as given; neither argument is modified. Quantization, as in GPTQ:
+    scales of a group are computed when the loop reaches the group's first column, from the
+    weights as updated so far (``static_groups``: from the original weights, before any update).
+    ``act_order`` processes columns in order of decreasing ``diag(H)`` and implies static groups,
+    so every group keeps its own columns and the packed layout stays in the original order.
+    ``keep_zeros`` treats weights that are already zero as pruned (quantizing a pruned model).
+
+    Deviation from the GPTQ reference: its dynamic group scales are read from the block-start
+    copy of the weight, missing the updates made earlier in the same block; here they are read
+    from the updated weights, which is what the algorithm describes (the block size is rounded to
+    a multiple of the group size so a group never straddles two blocks).
+    """
+    n_m = pm.parse_pattern(pattern)
+    rows, cols = W.shape
+    Wf = W.detach().float().clone()
+    H = H.detach().to(device=Wf.device, dtype=torch.float32).clone()
+    fixed_zero = (Wf == 0) if keep_zeros else None
+    dead = torch.diagonal(H) == 0  # inputs that are always zero: their weights cannot matter
+    H[dead, dead] = 1
+    Wf[:, dead] = 0
+    group = scheme.group_of(cols) if scheme else cols
+    static = scheme is not None and (static_groups or act_order or group == cols)
+    scale = zero = None
+    if static:  # every group's scale from the weights before any update
+        flat = Wf.reshape(rows, cols // group, group).transpose(0, 1).reshape(-1, group)
+        s, z = _params(flat, scheme, mse)
+        scale, zero = s.view(cols // group, rows).T.contiguous(), z.view(cols // group, rows).T.contiguous()
+    elif scheme is not None:
+        scale, zero = torch.ones(rows, cols // group), torch.zeros(rows, cols // group)
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols)
+    if act_order:
+        Wf, H = Wf[:, perm], H[perm][:, perm]
+        fixed_zero = fixed_zero[:, perm] if fixed_zero is not None else None
+    Hinv = inverse_hessian_factor(H, percdamp)
+    if n_m is not None:
+        pm.check_n_m(cols, *n_m)
+    step = math.lcm(n_m[1] if n_m else 1, group if scheme and not static else 1)
+    blocksize = max(step, blocksize - blocksize % step)  # no N:M group or dynamic scale group straddles blocks
+    mask = torch.zeros_like(Wf, dtype=torch.bool)
+    codes = torch.zeros_like(Wf, dtype=torch.int8) if scheme else None
+    col_group = perm // group  # the scale group of each processed column
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = Wf[:, i1:i2].clone()
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diagonal(Hinv1)
+        mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        if sparsity and n_m is None:
+            mask1 = pm.mask_per_matrix(W1**2 / d**2, sparsity)  # chosen once per block, as in SparseGPT
+        if fixed_zero is not None:
+            mask1 |= fixed_zero[:, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if n_m is not None and i % n_m[1] == 0:
+                m_cols = slice(i, i + n_m[1])
+                mask1[:, m_cols] |= pm.mask_n_m(W1[:, m_cols] ** 2 / d[m_cols] ** 2, *n_m)
+            q = W1[:, i].masked_fill(mask1[:, i], 0)
+            if scheme is not None:
+                if not static and j % group == 0:  # a new group: its scale from the weights as updated so far
+                    g_cols = W1[:, i : i + group].masked_fill(mask1[:, i : i + group], 0)
+                    scale[:, j // group], zero[:, j // group] = _params(g_cols, scheme, mse)
+                s, z = scale[:, col_group[j]], zero[:, col_group[j]]
+                c = quantize(q[:, None], s, z, scheme)[:, 0]
+                codes[:, j] = c.to(torch.int8)
+                q = (c - z) * s  # a pruned weight (0) rounds to its zero point, which is 0 again
+            err = (W1[:, i] - q) / d[i]
+            W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)  # in place: no (rows, count) temporary
+            W1[:, i] = q
+            Err1[:, i] = err
+        Wf[:, i1:i2] = W1
+        mask[:, i1:i2] = mask1
+        Wf[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of all later columns
+    if act_order:
+        inv = torch.argsort(perm)
+        Wf, mask = Wf[:, inv], mask[:, inv]
+        codes = codes[:, inv] if codes is not None else None
+    quantized = QuantizedWeight(codes, scale, zero.to(torch.int8), scheme) if scheme is not None else None
+    return ObsResult(Wf.to(W.dtype), mask, quantized)
+
+
+def sparsegpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    pattern: str | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune W with SparseGPT (the reference ``SparseGPT.fasterprune``); return (new weight, mask).
+
+    H is the (in, in) Hessian 2 XᵀX / n of the layer's calibration inputs. With an N:M pattern,
+    sparsity is ignored. Does not modify W or H.
+    """
+    result = obs_compress(W, H, sparsity=sparsity, pattern=pattern, blocksize=blocksize, percdamp=percdamp)
+    return result.weight, result.mask

@@ -1,0 +1,115 @@
+"""The one block visitor of every calibrated weight method: gathers statistics of each target's inputs, then compresses.
+
+Wanda reads each input's squared norm, SparseGPT and GPTQ the Hessian ``2 XᵀX / n``, AWQ the
+mean ``|x|`` of each input channel and a sample of input rows. Modules fed the very same input
+tensor (q/k/v, gate/up) share one statistic, computed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimformer.errors import SlimformerError
+from slimformer.models.adapters import Adapter
+
+KINDS = ("hessian", "sqnorm", "absmean", "rows")
+
+
+def add_upper_gram(H: torch.Tensor, x: torch.Tensor, block: int | None = None) -> None:
+    """Add the block-upper triangle of ``xᵀx`` to ``H`` in place (``x``: tokens × width).
+
+    The Gram matrix is symmetric: computing only the block rows right of the diagonal saves a
+    third of the multiply-adds, which dominate SparseGPT's calibration after the forward passes
+    (about 30% less time at width 1536 on a CPU; below width 1024 the smaller products lose
+    more in efficiency than they save, so one full product is used). Below the diagonal blocks
+    ``H`` stays untouched; ``H.triu() + H.triu(1).T`` is the whole matrix.
+    """
+    width = x.shape[1]
+    block = block or (384 if width >= 1024 else width)
+    for a in range(0, width, block):
+        H[a : a + block, a:].addmm_(x[:, a : a + block].T, x[:, a:])
+
+
+@dataclass
+class InputStats:
+    """What was gathered about one input: the requested statistics and how many sequences and tokens fed them."""
+
+    hessian: torch.Tensor | None = None  # upper triangle of XᵀX while gathering
+    sqnorm: torch.Tensor | None = None  # Σ x², per input channel
+    abssum: torch.Tensor | None = None  # Σ |x|, per input channel
+    rows: list[torch.Tensor] = field(default_factory=list)  # up to ``max_rows`` input rows
+    sequences: int = 0
+    tokens: int = 0
+
+    def full_hessian(self) -> torch.Tensor:
+        """``2 XᵀX / n`` over the ``n`` sequences seen (SparseGPT's and GPTQ's normalisation)."""
+        return (self.hessian.triu() + self.hessian.triu(1).T) * (2.0 / self.sequences)
+
+    def absmean(self) -> torch.Tensor:
+        """Mean ``|x|`` of each input channel over every token seen."""
+        return self.abssum / self.tokens
+
+    def sample(self) -> torch.Tensor:
+        """The input rows kept (tokens × width)."""
+        return torch.cat(self.rows)
+
+
+class StatsVisitor:
+    """Block visitor that gathers ``kinds`` of statistics of each target's inputs, then calls ``compress_fn``.
+
+    ``compress_fn(name, module, stats)`` changes one module once every sample went through it.
+    ``max_rows`` bounds the input rows kept for ``"rows"`` (every ``stride``-th token, evenly).
+    """
+
+    def __init__(self, adapter: Adapter, modules: dict[str, nn.Module], kinds: tuple[str, ...],
+                 compress_fn: Callable[[str, nn.Module, InputStats], None], max_rows: int = 4096, stride: int = 1):
+        unknown = set(kinds) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown statistics {sorted(unknown)}; known: {', '.join(KINDS)}")
+        self.adapter, self.modules, self.kinds, self.compress_fn = adapter, modules, kinds, compress_fn
+        self.max_rows, self.stride = max_rows, stride
+        self.stats: dict[str, InputStats] = {}
+        self.last: dict[int, tuple[torch.Tensor, str]] = {}  # batch -> (its last input seen, by which module)
+
+    def targets(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
+        self.stats.clear()
+        self.last.clear()
+        prefix = f"{self.adapter.block_prefix}.{index}."
+        return {n: m for n, m in self.modules.items() if n.startswith(prefix)}
+
+    def observe(self, name: str, module: nn.Module, inputs: torch.Tensor, batch: int) -> None:
+        last = self.last.get(batch)
+        if last is not None and last[0] is inputs:
+            self.stats[name] = self.stats[last[1]]
+            return
+        self.last[batch] = (inputs, name)
+        sequences = inputs.shape[0] if inputs.ndim == 3 else 1
+        x = inputs.reshape(-1, inputs.shape[-1]).float()  # (tokens, in)
+        entry = self.stats.get(name)
+        if entry is None:
+            width = x.shape[1]
+            entry = self.stats[name] = InputStats(
+                hessian=x.new_zeros((width, width)) if "hessian" in self.kinds else None,
+                sqnorm=x.new_zeros(width) if "sqnorm" in self.kinds else None,
+                abssum=x.new_zeros(width) if "absmean" in self.kinds else None)
+        if entry.hessian is not None:
+            add_upper_gram(entry.hessian, x)
+        if entry.sqnorm is not None:
+            entry.sqnorm += (x * x).sum(0)
+        if entry.abssum is not None:
+            entry.abssum += x.abs().sum(0)
+        if "rows" in self.kinds:
+            kept = sum(r.shape[0] for r in entry.rows)
+            if kept < self.max_rows:
+                entry.rows.append(x[:: self.stride][: self.max_rows - kept].cpu())
+        entry.sequences += sequences
+        entry.tokens += x.shape[0]
+
+    def compress(self, name: str, module: nn.Module) -> None:
+        if name not in self.stats:
+            raise SlimformerError(f"{name} saw no calibration input")
+        self.compress_fn(name, module, self.stats[name])
