@@ -6,6 +6,7 @@ so their figures are directly comparable; the report reads its output as ``costs
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from transformers.pytorch_utils import Conv1D
 from slimformer.errors import SlimformerError
 from slimformer.machine import peak_rss_gib
 from slimformer.evaluation.speed import compare_speed, prefill_seconds
-from slimformer.models.adapters import get_adapter, weight_matrix
+from slimformer.models.adapters import get_adapter, weight_shape
+from slimformer.models.quantized import QuantizedLinear, quantized_modules
 from slimformer.models.surgery import block_shape, head_dim
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -36,12 +38,23 @@ def _unique_parameters(model: nn.Module) -> list[torch.Tensor]:
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:
-    """``total`` parameters and the ``nonzero`` ones (pruned weights are zeros); tied weights count once."""
+    """``total`` parameters and the ``nonzero`` ones (pruned weights are zeros); tied weights count once.
+
+    A quantized module's weights are int codes (buffers, not parameters): each code counts as one
+    parameter, non-zero unless it equals its zero point.
+    """
     params = _unique_parameters(model)
-    return {
-        "total": sum(p.numel() for p in params),
-        "nonzero": sum(int(torch.count_nonzero(p.detach())) for p in params),
-    }
+    total = sum(p.numel() for p in params)
+    nonzero = sum(int(torch.count_nonzero(p.detach())) for p in params)
+    seen = set()
+    for module in quantized_modules(model).values():
+        if module.codes.data_ptr() in seen:
+            continue
+        seen.add(module.codes.data_ptr())
+        q = module.quantized_weight()
+        total += q.codes.numel()
+        nonzero += int((q.codes != q.zero.repeat_interleave(q.group, 1)).sum())
+    return {"total": total, "nonzero": nonzero}
 
 
 def size_on_disk(path: str | Path) -> int:
@@ -94,12 +107,12 @@ def flops_per_token(model: nn.Module, seq_len: int, *, fractions: list[dict[str,
     roles = {id(m): (b, role) for b, block in enumerate(adapter.blocks) for role, m in adapter.linears(block).items()}
     flops = 0.0
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, Conv1D)) and not any(p in name.split(".") for p in _PER_SEQUENCE):
+        if isinstance(module, (nn.Linear, Conv1D, QuantizedLinear)) and not any(p in name.split(".") for p in _PER_SEQUENCE):
             share = 1.0
             if fractions is not None and id(module) in roles:
                 b, role = roles[id(module)]
                 share = 0.0 if fractions[b] is None else fractions[b][role]
-            flops += 2 * weight_matrix(module).numel() * share
+            flops += 2 * math.prod(weight_shape(module)) * share
     hd = head_dim(adapter)
     for b, block in enumerate(adapter.blocks):
         if fractions is not None and fractions[b] is None:

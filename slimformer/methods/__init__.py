@@ -4,9 +4,13 @@ from slimformer.methods.base import METHODS, MethodResult, apply, config_dict, s
 from slimformer.methods.blocks import SLEBConfig
 from slimformer.methods.finetune import FinetuneConfig
 from slimformer.methods.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig
+from slimformer.methods.quantization import AWQConfig, GPTQConfig, RTNConfig
 
 __all__ = [
+    "AWQConfig",
+    "GPTQConfig",
     "METHODS",
+    "RTNConfig",
     "FinetuneConfig",
     "MagnitudeConfig",
     "MethodResult",

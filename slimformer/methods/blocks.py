@@ -84,7 +84,7 @@ def lm_nll(adapter: Adapter, hidden: list[torch.Tensor], samples: list[torch.Ten
     total, count = 0.0, 0
     with torch.no_grad():
         for h, ids in zip(hidden, samples):
-            total += next_token_nll(adapter, adapter.final_norm(h.to(adapter.head.weight.device)), ids).sum().item()
+            total += next_token_nll(adapter, adapter.final_norm(h.to(next(iter([*adapter.head.parameters(), *adapter.head.buffers()])).device)), ids).sum().item()
             count += ids[:, 1:].numel()
     return total / count
 

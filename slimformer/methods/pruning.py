@@ -23,9 +23,11 @@ from slimformer.calibration import PROPAGATE, BlockRunner
 from slimformer.errors import SlimformerError
 from slimformer.methods import pruning_math as pm
 from slimformer.methods.base import MethodResult, config_dict, register, select_linears
-from slimformer.methods.obs import sparsegpt_prune
+from slimformer.methods.obs import obs_compress
 from slimformer.methods.statistics import InputStats, StatsVisitor
 from slimformer.models.adapters import Adapter, weight_matrix
+from slimformer.models.quantized import install
+from slimformer.models.quantizer import QuantizedWeight, QuantScheme
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,22 @@ class SparseGPTConfig(CalibratedConfig):
     method: ClassVar[str] = "sparsegpt"
     blocksize: int = 128
     percdamp: float = 0.01
+    # Joint sparsity + quantization (the paper's §3.4): each kept weight is also rounded to this many bits.
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.bits is not None:
+            try:
+                QuantScheme(self.bits, self.group_size, self.symmetric)
+            except ValueError as e:
+                raise SlimformerError(str(e)) from None
+
+    def scheme(self) -> QuantScheme | None:
+        """The joint quantization scheme, or None when SparseGPT only prunes."""
+        return QuantScheme(self.bits, self.group_size, self.symmetric) if self.bits is not None else None
 
 
 def check_pattern_fits(modules: dict[str, nn.Module], n_m: tuple[int, int] | None) -> None:
@@ -174,15 +192,20 @@ def magnitude(adapter: Adapter, config: MagnitudeConfig, samples: torch.Tensor |
     return _result(config, modules, rounds=rounds)
 
 
-def _prune_with(config: CalibratedConfig) -> Callable[[str, nn.Module, InputStats], None]:
+def _prune_with(config: CalibratedConfig, quantized: dict[str, QuantizedWeight]) -> Callable[[str, nn.Module, InputStats], None]:
     """Wanda's or SparseGPT's change of one module, given the statistics of its inputs."""
 
     def compress(name: str, module: nn.Module, stats: InputStats) -> None:
         W = weight_matrix(module)
         if isinstance(config, SparseGPTConfig):
-            new, _ = sparsegpt_prune(W, stats.full_hessian(), config.sparsity, config.pattern, config.blocksize,
-                                     config.percdamp)
-            W.copy_(new)
+            try:
+                result = obs_compress(W, stats.full_hessian(), sparsity=config.sparsity, pattern=config.pattern,
+                                      scheme=config.scheme(), blocksize=config.blocksize, percdamp=config.percdamp)
+            except ValueError as e:
+                raise SlimformerError(f"{name}: {e}") from None
+            W.copy_(result.weight)
+            if result.quantized is not None:
+                quantized[name] = result.quantized
         else:
             score = pm.wanda_scores(W.float(), stats.sqnorm)
             mask = pm.mask_n_m(score, *config.n_m) if config.n_m else pm.mask_per_row(score, config.sparsity)
@@ -191,10 +214,11 @@ def _prune_with(config: CalibratedConfig) -> Callable[[str, nn.Module, InputStat
     return compress
 
 
-def prune_visitor(adapter: Adapter, modules: dict[str, nn.Module], config: CalibratedConfig) -> StatsVisitor:
-    """The block visitor of Wanda (input norms) or SparseGPT (input Hessians)."""
+def prune_visitor(adapter: Adapter, modules: dict[str, nn.Module], config: CalibratedConfig,
+                  quantized: dict[str, QuantizedWeight] | None = None) -> StatsVisitor:
+    """The block visitor of Wanda (input norms) or SparseGPT (input Hessians); joint quantization fills ``quantized``."""
     kind = "hessian" if isinstance(config, SparseGPTConfig) else "sqnorm"
-    return StatsVisitor(adapter, modules, (kind,), _prune_with(config))
+    return StatsVisitor(adapter, modules, (kind,), _prune_with(config, {} if quantized is None else quantized))
 
 
 def _calibrated(adapter: Adapter, config: CalibratedConfig, samples: torch.Tensor | None) -> MethodResult:
@@ -203,10 +227,22 @@ def _calibrated(adapter: Adapter, config: CalibratedConfig, samples: torch.Tenso
         raise SlimformerError(f"{config.method} needs calibration samples; the calibration set is empty")
     modules = select_linears(adapter, config.targets, config.ignore)
     check_pattern_fits(modules, config.n_m)
+    scheme = config.scheme() if isinstance(config, SparseGPTConfig) else None
+    for name, module in modules.items() if scheme else ():
+        try:
+            scheme.group_of(weight_matrix(module).shape[1])
+        except ValueError as e:
+            raise SlimformerError(f"{name}: {e}") from None
     runner = BlockRunner(adapter, samples, batch_size=config.batch_size, device=config.device)
+    quantized: dict[str, QuantizedWeight] = {}
     with torch.no_grad():
-        runner.run(prune_visitor(adapter, modules, config), propagate=config.propagate, desc=config.method)
-    return _result(config, modules, samples=int(samples.shape[0]), seqlen=int(samples.shape[1]))
+        runner.run(prune_visitor(adapter, modules, config, quantized), propagate=config.propagate, desc=config.method)
+    result = _result(config, modules, samples=int(samples.shape[0]), seqlen=int(samples.shape[1]))
+    if quantized:  # sparsity measured on the float weights, then the packed modules swapped in
+        install(adapter.model, quantized)
+        result.summary["quantized_modules"] = len(quantized)
+        result.summary["scheme"] = config.scheme().describe()
+    return result
 
 
 register(WandaConfig)(_calibrated)

@@ -55,10 +55,19 @@ class Family:
     # Where windows get the BOS the tokenizer adds (see ``BOS_MODES``): "once" for the families the
     # papers measured (Llama, OPT), so published figures compare; "every" for the others.
     bos: str = "every"
+    # Where AWQ may fold a per-channel input scale: (what precedes, the projections it feeds). What
+    # precedes is a norm path or a projection role; the scale divides its output and multiplies the
+    # projections' input columns, so the float model computes the same function. A pair whose shapes
+    # do not match (v → o under grouped-query attention) is skipped at run time.
+    scale_pairs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # Norms that multiply by (offset + weight): Gemma's RMSNorm uses 1 + weight.
+    norm_offset: float = 0.0
 
 
 def _llama_like(name: str, model_type: str | None = None, norms: tuple[str, ...] | None = None,
-                bos: str = "every") -> Family:
+                bos: str = "every", norm_offset: float = 0.0) -> Family:
+    norms = norms or ("input_layernorm", "post_attention_layernorm")
+    before_mlp = "pre_feedforward_layernorm" if "pre_feedforward_layernorm" in norms else "post_attention_layernorm"
     return Family(
         name=name,
         model_types=(model_type or name,),
@@ -66,9 +75,12 @@ def _llama_like(name: str, model_type: str | None = None, norms: tuple[str, ...]
         blocks="layers",
         attention=_LLAMA_ATTN,
         mlp=_GATED_MLP,
-        norms=norms or ("input_layernorm", "post_attention_layernorm"),
+        norms=norms,
         embeddings=("embed_tokens",),
         bos=bos,
+        scale_pairs=(("input_layernorm", ("q", "k", "v")), ("v", ("o",)), (before_mlp, ("gate", "up")),
+                     ("up", ("down",))),
+        norm_offset=norm_offset,
     )
 
 
@@ -79,9 +91,9 @@ FAMILIES: tuple[Family, ...] = (
     _llama_like("mistral"),
     _llama_like("qwen2"),
     _llama_like("qwen3"),
-    _llama_like("gemma"),
-    _llama_like("gemma2", norms=_GEMMA2_NORMS),
-    _llama_like("gemma3", "gemma3_text", norms=_GEMMA2_NORMS),  # the text model; multimodal "gemma3" nests it
+    _llama_like("gemma", norm_offset=1.0),
+    _llama_like("gemma2", norms=_GEMMA2_NORMS, norm_offset=1.0),
+    _llama_like("gemma3", "gemma3_text", norms=_GEMMA2_NORMS, norm_offset=1.0),  # the text model; multimodal "gemma3" nests it
     Family(
         name="gpt2",
         model_types=("gpt2",),
@@ -98,6 +110,7 @@ FAMILIES: tuple[Family, ...] = (
         kv_heads_field=None,
         intermediate_field="n_inner",
         config_head_dim=False,
+        scale_pairs=(("ln_1", ("qkv",)), ("ln_2", ("up",))),  # GELU sits between c_fc and c_proj
     ),
     Family(
         name="opt",
@@ -113,6 +126,9 @@ FAMILIES: tuple[Family, ...] = (
         intermediate_field="ffn_dim",
         config_head_dim=False,
         bos="once",
+        # ReLU commutes with a positive scale, so fc1 → fc2 folds too (pre-LN OPT; see awq.py for post-LN)
+        scale_pairs=(("self_attn_layer_norm", ("q", "k", "v")), ("v", ("o",)), ("final_layer_norm", ("up",)),
+                     ("up", ("down",))),
     ),
     *(
         Family(
@@ -127,6 +143,8 @@ FAMILIES: tuple[Family, ...] = (
             final_norm=None,
             kv_heads_field=None,
             config_head_dim=False,
+            # post-LN: a LayerNorm's output is also the residual, so only v → o folds (GELU guards up → down)
+            scale_pairs=(("v", ("o",)),),
         )
         for name in ("bert", "roberta")
     ),
@@ -157,7 +175,18 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
         return module.weight.data
     if isinstance(module, Conv1D):
         return module.weight.data.t()
+    if hasattr(module, "codes"):
+        raise SlimformerError(f"{type(module).__name__} holds quantized codes: methods that change float weights "
+                              "(pruning, surgery, fine-tuning) run before quantization")
     raise TypeError(f"{type(module).__name__} is not a Linear or Conv1D")
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear, GPT-2 Conv1D or quantized Linear (which has int codes, no float weight)."""
+    codes = getattr(module, "codes", None)
+    if codes is not None:
+        return tuple(codes.shape)
+    return tuple(weight_matrix(module).shape)
 
 
 class Adapter:
@@ -244,7 +273,7 @@ def next_token_nll(adapter: Adapter, hidden: torch.Tensor, ids: torch.Tensor, ch
     ``chunk`` rows at a time, so the ``(T, vocabulary)`` float32 logits of a whole window (2 GiB
     for a 262,144-token vocabulary at 2048 tokens) never exist at once. Returns ``(B,)`` float64.
     """
-    device = adapter.head.weight.device
+    device = next(iter([*adapter.head.parameters(), *adapter.head.buffers()])).device  # a quantized head has buffers only
     sums = torch.zeros(hidden.shape[0], dtype=torch.float64, device=device)
     for b in range(hidden.shape[0]):
         h, target = hidden[b, :-1].to(device), ids[b, 1:].to(device)

@@ -32,7 +32,8 @@ from transformers import (
 )
 
 from slimformer.errors import SlimformerError
-from slimformer.models import sparse_storage
+from slimformer.models import quant_storage, sparse_storage
+from slimformer.models.quantized import is_quantized
 from slimformer.models.adapters import BOS_MODES, Adapter, family_for, get_adapter
 from slimformer.models.surgery import reshape_blocks
 
@@ -217,6 +218,8 @@ def load_model(
     try:
         if sparse_storage.is_sparse_checkpoint(config):
             model = sparse_storage.load_sparse(Path(source), cls, config, DTYPES[dtype])
+        elif quant_storage.is_quantized_checkpoint(config) and isinstance(source, Path):
+            model = quant_storage.load_quantized(source, cls, config, DTYPES[dtype])
         elif getattr(config, "slimformer_layer_shapes", None):
             model = _load_reshaped(Path(source), cls, config, DTYPES[dtype])
         else:
@@ -279,10 +282,14 @@ def save_model(
     """Write safetensors + config (+ tokenizer) to ``out_dir`` atomically; stock ``transformers`` loads it.
 
     ``sparse="unstructured"`` (or ``"2:4"``…) stores sparse Linear weights in the compressed-tensors
-    sparse-bitmask format instead (see :mod:`slimformer.models.sparse_storage`); ``load_model`` reads it.
+    sparse-bitmask format instead (see :mod:`slimformer.models.sparse_storage`); a model with quantized
+    modules is always stored in the compressed-tensors quantized formats (see
+    :mod:`slimformer.models.quant_storage`). ``load_model`` reads all of them.
     """
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        if sparse:
+        if is_quantized(model):
+            quant_storage.write_quantized(model, tmp)
+        elif sparse:
             sparse_storage.write_sparse(model, tmp, structure=sparse)
         else:
             model.save_pretrained(tmp)  # safetensors is the only format transformers 5 writes

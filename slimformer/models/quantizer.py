@@ -109,8 +109,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
     """The float32 weight of ``codes`` (rows × cols) with ``scale``/``zero`` (rows × groups), groups of equal width."""
     rows, cols = codes.shape
     groups = scale.shape[1]
-    c = codes.float().view(rows, groups, cols // groups)
-    return ((c - zero.float()[..., None]) * scale.float()[..., None]).view(rows, cols)
+    c = codes.view(rows, groups, cols // groups)
+    if not zero.any():  # symmetric: one fused int8 × float32 pass
+        return (c * scale.float()[..., None]).view(rows, cols)
+    return ((c.to(torch.int16) - zero[..., None]) * scale.float()[..., None]).view(rows, cols)  # int8 - int8 would wrap
 
 
 def search_shrink(w: torch.Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.8,

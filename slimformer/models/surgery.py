@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from slimformer.errors import SlimformerError
-from slimformer.models.adapters import Adapter, weight_matrix
+from slimformer.models.adapters import Adapter, weight_matrix, weight_shape
 
 
 def remove_blocks(adapter: Adapter, remove: Iterable[int]) -> list[int]:
@@ -91,12 +91,12 @@ def block_shape(adapter: Adapter, block: nn.Module) -> dict[str, int]:
     """The heads, KV heads and FFN units one block has now (blocks may differ after structural pruning)."""
     f, hd, lin = adapter.family, head_dim(adapter), adapter.linears(block)
     if "qkv" in lin:
-        heads = weight_matrix(lin["qkv"]).shape[0] // (3 * hd)
+        heads = weight_shape(lin["qkv"])[0] // (3 * hd)
         kv = heads
     else:
-        heads = weight_matrix(lin["q"]).shape[0] // hd
-        kv = weight_matrix(lin["k"]).shape[0] // hd
-    units = weight_matrix(lin[next(r for r in ("up", "gate") if r in lin)]).shape[0]
+        heads = weight_shape(lin["q"])[0] // hd
+        kv = weight_shape(lin["k"])[0] // hd
+    units = weight_shape(lin[next(r for r in ("up", "gate") if r in lin)])[0]
     return {"heads": heads, "kv_heads": kv if f.kv_heads_field else heads, "intermediate": units}
 
 

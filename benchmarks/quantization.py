@@ -1,0 +1,163 @@
+"""Weight-only quantization of SmolLM2-135M on the DESIGN.md protocol: quality, cost, size and CPU speed.
+
+Each configuration runs in its own process (peak RSS is its own). Calibration: 32 × 2048 tokens
+of WikiText-2 valid, seed 0; perplexity: the first 40 windows of WikiText-2 test. Speed, in
+the same process as a freshly loaded fp32 dense model, the two alternating, medians of 3:
+greedy decode tokens/s (batch 1, 128-token prompt, 32 new tokens) and the latency of one
+2048-token prefill. ``kernels`` measures one quantized projection against the fp32 Linear at
+1…256 rows, weights rotated through more memory than the caches hold, to place the crossover
+between the packed kernels and the dequantized float32 path.
+
+    python benchmarks/quantization.py [--only rtn8,gptq4g64] [--windows 40] [--nsamples 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import RESULTS, run_children, write_result
+
+RUNS = ["dense", "kernels", "rtn8", "rtn4g64", "gptq4g64", "awq4g64", "gptq4g64+head8", "rtn8+head8",
+        "gptq4g32sym", "gptq4g64act", "sleb3+gptq4g64", "rtn4g32asym"]
+
+
+def steps(name: str) -> list:
+    """The method configs of one run."""
+    from slimformer.methods import AWQConfig, GPTQConfig, RTNConfig, SLEBConfig
+
+    head = dict(head=True, embedding=True) if name.endswith("+head8") else {}
+    base = name.removesuffix("+head8")
+    table = {
+        "dense": [],
+        "rtn8": [RTNConfig(bits=8, **head)],
+        "rtn4g64": [RTNConfig(bits=4, group_size=64)],
+        "rtn4g32asym": [RTNConfig(bits=4, group_size=32, symmetric=False)],
+        "gptq4g64": [GPTQConfig(bits=4, group_size=64, **head)],
+        "gptq4g32sym": [GPTQConfig(bits=4, group_size=32)],
+        "gptq4g64act": [GPTQConfig(bits=4, group_size=64, act_order=True)],
+        "awq4g64": [AWQConfig(bits=4, group_size=64)],
+        "sleb3+gptq4g64": [SLEBConfig(blocks=3), GPTQConfig(bits=4, group_size=64)],
+    }
+    return table[base]
+
+
+def kernel_rows(repeats: int = 7, copies: int = 48) -> list[dict]:
+    """Microseconds per call of one SmolLM2 projection, packed kernel vs dequantized float vs fp32 Linear, by rows."""
+    from slimformer.models.quantized import QuantizedLinear, float_path
+    from slimformer.models.quantizer import QuantScheme, quantize_weight
+
+    out = []
+    for (n, k) in ((1536, 576), (576, 1536)):
+        for bits, group in ((4, 64), (8, None)):
+            # 48 copies (40-80 MB) rotate past the caches, as the 210 projections of a decode step do
+            quant = [QuantizedLinear(quantize_weight(torch.randn(n, k), QuantScheme(bits, group))) for _ in range(copies)]
+            dense = [torch.nn.Linear(k, n, bias=False) for _ in range(copies)]
+            for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+                x = torch.randn(rows, k)
+
+                def per_call(mods) -> float:
+                    times = []
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        for m in mods:
+                            m(x)
+                        times.append(time.perf_counter() - start)
+                    return statistics.median(times) / len(mods) * 1e6
+
+                with torch.no_grad():
+                    per_call(quant)  # warm-up
+                    kernel = per_call(quant)
+                    with float_path():
+                        dequant = per_call(quant)
+                    fp32 = per_call(dense)
+                out.append({"shape": f"{k}->{n}", "bits": bits, "group": group, "rows": rows, "kernel_us": kernel,
+                            "dequant_us": dequant, "fp32_us": fp32})
+    return out
+
+
+def one_run(name: str, windows: int, nsamples: int) -> dict:
+    """Quantize in this process and measure; called in a child process by ``main``."""
+    from slimformer import load_model, save_model
+    from slimformer.data import calibration_samples, load_text, tokenize
+    from slimformer.evaluation import measure_costs, perplexity, size_on_disk
+    from slimformer.methods import apply
+
+    torch.set_num_threads(2)
+    if name == "kernels":
+        return {"name": name, "rows": kernel_rows()}
+    loaded = load_model("smollm2-135m")
+    out: dict = {"name": name, "steps": []}
+    configs = steps(name)
+    if configs:
+        samples = calibration_samples(loaded.tokenizer, "wikitext2:valid", n=nsamples, seqlen=2048, seed=0)
+        for config in configs:
+            result = apply(loaded.adapter, config, samples)
+            out["steps"].append({"method": result.method, "seconds": result.seconds,
+                                 "peak_rss_gib": result.peak_rss_gib, "summary": result.summary})
+        out["compression_s"] = sum(s["seconds"] for s in out["steps"])
+        out["peak_rss_gib"] = max(s["peak_rss_gib"] for s in out["steps"])
+    ids = tokenize(loaded.tokenizer, load_text("wikitext2:test"))
+    out["ppl"] = perplexity(loaded.model, ids, windows=windows, progress=False).perplexity
+    with tempfile.TemporaryDirectory() as tmp:
+        out["size_bytes"] = size_on_disk(save_model(loaded.model, None, Path(tmp) / "m"))
+    dense = load_model("smollm2-135m").model
+    costs = measure_costs({"dense": dense, "model": loaded.model}, ids[:, :2048], repeats=3, prompt_tokens=128,
+                          new_tokens=32)
+    out["speed"] = {k: {f: v[f] for f in ("prefill_s", "decode_tok_s", "prefill_speedup", "decode_speedup")}
+                    for k, v in costs["models"].items()}
+    return out
+
+
+def _rows(results: dict[str, dict]) -> list[tuple[str, str]]:
+    dense = results.get("dense")
+    rows = []
+    for name in RUNS:
+        r = results.get(name)
+        if r is None:
+            continue
+        if name == "kernels":
+            for k in r["rows"]:
+                rows.append((f"kernel {k['shape']} int{k['bits']} {'g' + str(k['group']) if k['group'] else 'per-ch'}"
+                             f", {k['rows']} rows",
+                             f"packed {k['kernel_us']:.0f} µs · dequant+fp32 {k['dequant_us']:.0f} µs · "
+                             f"fp32 {k['fp32_us']:.0f} µs"))
+            continue
+        s = r["speed"]["model"]
+        rel = f" ({r['ppl'] / dense['ppl']:.3f}× dense)" if dense and name != "dense" else ""
+        size = f"{r['size_bytes'] / 2**20:.0f} MiB" + (f" ({r['size_bytes'] / dense['size_bytes']:.3f}×)" if dense else "")
+        cost = f" · {r['compression_s']:.0f} s, peak RSS {r['peak_rss_gib']:.2f} GiB" if "compression_s" in r else ""
+        rows.append((name, f"ppl {r['ppl']:.2f}{rel} · {size}{cost} · decode {s['decode_tok_s']:.1f} tok/s "
+                           f"({s['decode_speedup']:.2f}× fp32) · prefill 2048 {s['prefill_s']:.2f} s "
+                           f"({s['prefill_speedup']:.2f}× fp32)"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", default=None, help="comma-separated run names: " + ", ".join(RUNS))
+    parser.add_argument("--windows", type=int, default=40)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(one_run(json.loads(args.child), args.windows, args.nsamples)))
+        return
+    runs = [r for r in RUNS if not args.only or r in args.only.split(",")]
+    path = RESULTS / "quantization_smollm2.json"
+    results = {r["name"]: r for r in (json.loads(path.read_text())["runs"] if path.exists() else [])}
+    for run in runs:  # written after every run: a long benchmark keeps what it measured
+        results.update({r["name"]: r for r in run_children(__file__, [run], ["--windows", str(args.windows),
+                                                                             "--nsamples", str(args.nsamples)])})
+        write_result("quantization_smollm2", {"windows": args.windows, "nsamples": args.nsamples,
+                                              "runs": [results[n] for n in RUNS if n in results]}, _rows(results))
+
+
+if __name__ == "__main__":
+    main()
