@@ -52,7 +52,8 @@ from slimformer.machine import machine_info
 from slimformer.methods import METHODS, apply, config_dict
 from slimformer.methods.base import MethodResult
 from slimformer.models import BOS_MODES, DEFAULT_MODEL, LoadedModel, load_model, save_model
-from slimformer.models.loading import atomic_dir
+from slimformer.models.loading import atomic_dir, write_model
+from slimformer.models.quantized import is_quantized
 from slimformer.report import build_report
 
 
@@ -281,7 +282,9 @@ class _Context:
 
 
 def _sizes(loaded: LoadedModel, checkpoint: Path, pruned: bool) -> dict[str, int]:
-    """Bytes of the saved dense checkpoint and, for a ``pruned`` model, of its sparse-bitmask form."""
+    """Bytes of the saved dense checkpoint and, for a ``pruned`` model, of its sparse-bitmask form (a quantized one: its codes)."""
+    if is_quantized(loaded.model):  # the checkpoint holds the packed codes: that is its only stored form
+        return {"quantized": size_on_disk(checkpoint)}
     sizes = {"dense": size_on_disk(checkpoint)}
     if pruned:
         with tempfile.TemporaryDirectory() as tmp:
@@ -426,8 +429,7 @@ def _finish(recipe: Recipe, state: dict, ctx: _Context, out: Path, overwrite: bo
     for name, size in sizes.items():  # the smallest stored format of each, beside its speed
         comparison["models"][name]["size_bytes"] = size
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        loaded.model.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
+        write_model(loaded.model, loaded.tokenizer, tmp)
         previous = state["before"]
         for i, entry in enumerate(state["steps"]):
             result, after = entry["result"], entry["after"]

@@ -11,7 +11,8 @@ import slimformer.recipes as recipes
 from conftest import tiny_model, tiny_tokenizer
 from slimformer import SlimformerError, get_adapter, load_model
 from slimformer.cli import main
-from slimformer.methods import FinetuneConfig, MagnitudeConfig, SLEBConfig, SparseGPTConfig, WandaConfig, apply
+from slimformer.methods import (AWQConfig, FinetuneConfig, GPTQConfig, MagnitudeConfig, RTNConfig, SLEBConfig,
+                                SparseGPTConfig, WandaConfig, apply)
 from slimformer.models import LoadedModel
 from slimformer.recipes import STEPS, EvalConfig, Recipe, load_recipe, parse_recipe, run_recipe
 
@@ -21,6 +22,9 @@ EXAMPLES = {
     "sparsegpt": SparseGPTConfig(sparsity=0.5, blocksize=64, percdamp=0.02),
     "sleb": SLEBConfig(ratio=0.25, criterion="oneshot", protect=(0,), cache_gib=0.1),
     "finetune": FinetuneConfig(steps=7, lr=3e-4, seqlen=64),
+    "rtn": RTNConfig(bits=8, mse=True, head=True, embedding=True),
+    "gptq": GPTQConfig(bits=4, group_size=16, act_order=True, ignore=("re:.*down_proj",), percdamp=0.05),
+    "awq": AWQConfig(bits=4, group_size=-1, symmetric=False, then="gptq", grid=10, clip=False),
     "eval": EvalConfig(ppl="wikitext2:valid", windows=3, tasks=("piqa", "boolq"), limit=5),
 }
 
@@ -164,3 +168,22 @@ def test_bundled_recipes_parse_and_yaml_floats_are_numbers():
     assert parse_recipe("steps:\n  - {method: finetune, lr: 1e-4}\n").steps[0].lr == 1e-4
     with pytest.raises(SlimformerError, match="<recipe>:2: lr must be a number, not 'fast'"):
         parse_recipe("steps:\n  - {method: finetune, lr: fast}\n")
+
+
+def test_sleb_then_wanda_2_4_then_gptq_int4_runs_saves_and_reloads(saved_tiny, tmp_path):
+    """The chain of the quantization protocol: fewer blocks, a 2:4 pattern, int4 codes; stock loading keeps all three."""
+    from slimformer.models.quantized import quantized_modules
+
+    path, text = saved_tiny
+    recipe = Recipe(steps=(SLEBConfig(blocks=1, protect=()), WandaConfig(pattern="2:4"),
+                           GPTQConfig(bits=4, group_size=16)),
+                    model=str(path), seed=0, calibration=recipes.Calibration(f"text:{text}", 4, 16),
+                    measure=recipes.Measure(ppl_windows=0, speed=True, prefill_tokens=24, new_tokens=4, repeats=1))
+    summary = run_recipe(recipe, tmp_path / "out", progress=False)
+    model = load_model(str(tmp_path / "out")).model
+    assert model.config.num_hidden_layers == 2 and len(quantized_modules(model)) == 14
+    for name, module in quantized_modules(model).items():
+        W = module.dequantized()
+        assert ((W.view(W.shape[0], -1, 4) == 0).sum(-1) >= 2).all(), name
+    sizes = [s["after"]["size_bytes"] for s in summary["steps"]]
+    assert set(sizes[2]) == {"quantized"} and sizes[2]["quantized"] < sizes[1]["dense"]

@@ -14,6 +14,8 @@ SPACES = ("small", "medium", "layer", "large")
 OBJECTIVES = ("error", "params", "flops", "latency")
 STRATEGIES = ("random", "local", "nsga2")
 BACKENDS = ("local", "ray")
+QUANT_METHODS = ("rtn", "gptq", "awq")
+QUANT_BITS = (2, 3, 4, 8)
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 SOURCES_HELP = "wikitext2[:test|valid], text:PATH (or PATH.txt), jsonl:PATH[:FIELD] (or PATH.jsonl)"
 TASKS_HELP = ("piqa, arc_easy, arc_challenge, boolq, hellaswag, winogrande, lambada, or a jsonl file (jsonl:PATH "
@@ -167,3 +169,37 @@ def add_eval_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--lm-eval-include", default=None, help="folder of extra lm-eval task YAMLs (local data)")
     p.add_argument("--out", default="eval.json", help="where to write the JSON results")
     add_bos_arg(p)
+
+
+def add_quantize_parser(sub, helps: dict[str, str]) -> None:
+    """``quantize``: RTN, GPTQ or AWQ weight-only int8/int4, saved as a compressed-tensors checkpoint."""
+    p = sub.add_parser("quantize", help=helps["quantize"])
+    add_model_args(p)
+    p.add_argument("--method", default="gptq", choices=QUANT_METHODS)
+    p.add_argument("--bits", type=int, default=4, help=f"bits per weight: {', '.join(map(str, QUANT_BITS))}")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="columns per scale (32, 64, 128...; -1: per channel; default: per channel for 8 bits, else "
+                        "the largest of 128, 64, 32 that divides every width)")
+    p.add_argument("--asymmetric", action="store_true", help="a zero point per group (default: symmetric)")
+    p.add_argument("--mse", action="store_true", help="clip each range to the value minimising the rounding error")
+    p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal")
+    p.add_argument("--static-groups", action="store_true", help="gptq: group scales from the unquantized weight")
+    p.add_argument("--then", default="rtn", choices=["rtn", "gptq"], help="awq: the rounding after the scales")
+    p.add_argument("--head", action="store_true", help="also quantize lm_head, per row, to --head-bits")
+    p.add_argument("--embedding", action="store_true", help="also quantize the input embedding, per row")
+    p.add_argument("--head-bits", type=int, default=8)
+    add_bos_arg(p)
+    p.add_argument("--targets", nargs="*", default=[], help="module names, suffixes or re:REGEX (default: block projections)")
+    p.add_argument("--ignore", nargs="*", default=[], help="modules to leave in float, same rules")
+    p.add_argument("--calib", default="wikitext2:valid", help=f"calibration source: {SOURCES_HELP}")
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1, help="calibration samples per block call")
+    p.add_argument("--propagate", default=None, choices=PROPAGATE,
+                   help="how quantized outputs feed the next block (default: sequential for gptq, dense for awq)")
+    p.add_argument("--blocksize", type=int, default=128, help="gptq: column block size")
+    p.add_argument("--percdamp", type=float, default=0.01, help="gptq: dampening, fraction of mean diag(H)")
+    p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
+    p.add_argument("--out", required=True, help="folder for the compressed-tensors checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

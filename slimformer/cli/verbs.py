@@ -156,6 +156,41 @@ def _print_outcome(console, summary: dict, args: argparse.Namespace) -> None:
     print(f"report: {summary['report_html']}")
 
 
+def _quant_config(args: argparse.Namespace):
+    """The method config of ``quantize`` from its flags; invalid values fail here, before any loading."""
+    from slimformer.methods import AWQConfig, GPTQConfig, RTNConfig
+
+    common = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric, mse=args.mse,
+                  targets=tuple(args.targets), ignore=tuple(args.ignore), head=args.head, embedding=args.embedding,
+                  head_bits=args.head_bits)
+    if args.method == "rtn":
+        return RTNConfig(**common)
+    calibrated = dict(common, batch_size=args.batch_size, device=args.device, blocksize=args.blocksize,
+                      percdamp=args.percdamp, **({"propagate": args.propagate} if args.propagate else {}))
+    if args.method == "gptq":
+        return GPTQConfig(**calibrated, act_order=args.act_order, static_groups=args.static_groups)
+    return AWQConfig(**calibrated, then=args.then)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize weights (RTN, GPTQ, AWQ; int8 or int4) and save a compressed-tensors checkpoint."""
+    from rich.console import Console
+
+    from slimformer.recipes import run_recipe
+
+    config = _quant_config(args)
+    summary = run_recipe(_one_step_recipe(args, config, speed=False), args.out, overwrite=args.overwrite,
+                         dtype=args.dtype)
+    result = summary["steps"][0]["result"]
+    found = result["summary"]
+    console = Console()
+    console.print(f"{result['method']}: {found['quantized_modules']} modules to {found['scheme']} "
+                  f"(mean {found['mean_bits']:.2f} bits per quantized weight) in {result['seconds']:.1f} s, "
+                  f"peak RSS {result['peak_rss_gib']:.2f} GiB")
+    _print_outcome(console, summary, args)
+    return 0
+
+
 def cmd_remove_blocks(args: argparse.Namespace) -> int:
     """Remove whole blocks (SLEB, its one-shot variant, or block influence) and save the shallower model."""
     from rich.console import Console

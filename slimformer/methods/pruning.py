@@ -26,7 +26,7 @@ from slimformer.methods.base import MethodResult, config_dict, register, select_
 from slimformer.methods.obs import obs_compress
 from slimformer.methods.statistics import InputStats, StatsVisitor
 from slimformer.models.adapters import Adapter, weight_matrix
-from slimformer.models.quantized import install
+from slimformer.models.quantized import install, scheme_summary
 from slimformer.models.quantizer import QuantizedWeight, QuantScheme
 
 
@@ -240,7 +240,10 @@ def _calibrated(adapter: Adapter, config: CalibratedConfig, samples: torch.Tenso
     result = _result(config, modules, samples=int(samples.shape[0]), seqlen=int(samples.shape[1]))
     if quantized:  # sparsity measured on the float weights, then the packed modules swapped in
         install(adapter.model, quantized)
+        for name, info in scheme_summary(adapter.model).items():
+            result.layers.setdefault(name, {}).update(info)
         result.summary["quantized_modules"] = len(quantized)
+        result.summary["mean_bits"] = float(config.bits)
         result.summary["scheme"] = config.scheme().describe()
     return result
 

@@ -69,7 +69,7 @@ class QuantConfig:
             group = -1 if self.bits == 8 else next((g for g in AUTO_GROUPS if all(w % g == 0 for w in widths)), -1)
         for w in widths:
             if group != -1 and w % group:
-                fits = [g for g in (32, 64, 128, 256) if all(v % g == 0 for v in widths)]
+                fits = [g for g in (16, 32, 64, 128, 256) if all(v % g == 0 for v in widths)]
                 raise SlimformerError(f"group size {group} does not divide the input width {w}; "
                                       f"sizes that fit: {', '.join(map(str, fits)) or 'none (use -1, per channel)'}")
         return QuantScheme(self.bits, None if group == -1 else group, self.symmetric)

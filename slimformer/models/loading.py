@@ -287,12 +287,17 @@ def save_model(
     :mod:`slimformer.models.quant_storage`). ``load_model`` reads all of them.
     """
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        if is_quantized(model):
-            quant_storage.write_quantized(model, tmp)
-        elif sparse:
-            sparse_storage.write_sparse(model, tmp, structure=sparse)
-        else:
-            model.save_pretrained(tmp)  # safetensors is the only format transformers 5 writes
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        write_model(model, tokenizer, tmp, sparse=sparse)
     return Path(out_dir)
+
+
+def write_model(model: PreTrainedModel, tokenizer, folder: Path, *, sparse: str | None = None) -> None:
+    """Write the model (dense, sparse-bitmask or quantized; see :func:`save_model`) and tokenizer into ``folder``."""
+    if is_quantized(model):
+        quant_storage.write_quantized(model, folder)
+    elif sparse:
+        sparse_storage.write_sparse(model, folder, structure=sparse)
+    else:
+        model.save_pretrained(folder)  # safetensors is the only format transformers 5 writes
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)

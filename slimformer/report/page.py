@@ -87,6 +87,22 @@ def _evaluations_html(evaluations: list[dict]) -> str:
            (_table(["model", "measured", *ROWS.values()], costs) if costs else "")
 
 
+def _bits_html(i: int, step: dict, grid: dict) -> str:
+    """One quantization step's scheme per block and projection, the modules outside the blocks, and the size."""
+    rows = [[str(b), *row] for b, row in zip(grid["blocks"], grid["values"])]
+    rows += [[name, label, *[""] * (len(grid["projections"]) - 1)] for name, label in grid["outside"].items()]
+    sizes = step.get("size_bytes") or {}
+    note = []
+    if step.get("mean_bits") is not None:
+        note.append(f"mean {step['mean_bits']:.2f} bits per quantized weight")
+    if sizes:
+        note.append("size on disk " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sizes.items()))
+    if step.get("size_bytes_before"):
+        note.append(f"before {step['size_bytes_before'] / 2**20:.1f} MiB")
+    return (f"<h3>Step {i}: {html.escape(step_label(step))}</h3><p>{html.escape('; '.join(note))}</p>"
+            + _table(["block", *grid["projections"]], rows))
+
+
 def render_html(report: dict) -> str:
     """The report as one HTML page: CSS and plots (base64 PNG) inline, nothing fetched."""
     steps = report.get("steps", [])
@@ -103,6 +119,9 @@ def render_html(report: dict) -> str:
         body = "".join(f"<h3>Step {i}: {html.escape(step_label(steps[i - 1]))}</h3>"
                        f"{_img(plot_sparsity(g), 'sparsity')}" for i, g in grids)
         parts.append(_section("sparsity", "Sparsity per layer", body))
+    if bits := [(i, s["bits_grid"]) for i, s in enumerate(steps, 1) if "bits_grid" in s]:
+        body = "".join(_bits_html(i, steps[i - 1], g) for i, g in bits)
+        parts.append(_section("bits", "Bits per layer", body))
     if scored := [(i, s["block_scores"]) for i, s in enumerate(steps, 1) if "block_scores" in s]:
         body = "".join(f"<h3>Step {i}: {html.escape(step_label(steps[i - 1]))}</h3>"
                        f"{_img(plot_block_scores(b), 'block scores')}" for i, b in scored)

@@ -122,6 +122,33 @@ def _sparsity_grid(layers: dict) -> dict | None:
             "values": [[cells.get((b, p)) for p in projections] for b in blocks]}
 
 
+def _bits_label(info: dict) -> str | None:
+    bits = _num(info.get("bits"))
+    if bits is None:
+        return None
+    group = _num(info.get("group_size"))
+    return f"int{bits:.0f} " + (f"g{group:.0f}" if group else "per-channel") + ("" if info.get("symmetric", True) else " asym")
+
+
+def _bits_grid(layers: dict) -> dict | None:
+    """Blocks × projections quantization scheme (``int4 g64``) from ``result.layers``; modules outside blocks listed apart."""
+    cells, outside = {}, {}
+    for name, info in layers.items():
+        label, match = _bits_label(_dict(info)), _BLOCK_MODULE.match(str(name))
+        if label is None:
+            continue
+        if match:
+            cells[(int(match[1]), match[2])] = label
+        else:
+            outside[str(name)] = label
+    if not cells and not outside:
+        return None
+    blocks = sorted({b for b, _ in cells})
+    projections = list(dict.fromkeys(p for _, p in cells))
+    return {"blocks": blocks, "projections": projections, "outside": outside,
+            "values": [[cells.get((b, p), "float") for p in projections] for b in blocks]}
+
+
 def _block_scores(summary: dict, config: dict) -> dict | None:
     """Each round's score per candidate block, and which block(s) the round removed."""
     rounds = []
@@ -159,6 +186,8 @@ def _step(doc: dict, rel: str) -> dict | None:
         "removed": [int(b) for b in _list(summary.get("removed")) if _num(b) is not None],
         "costs": _costs(record),
         "sparsity_grid": _sparsity_grid(_dict(result.get("layers"))),
+        "bits_grid": _bits_grid(_dict(result.get("layers"))),
+        "mean_bits": _num(summary.get("mean_bits")),
         "block_scores": _block_scores(summary, config),
     })
     if not step:
@@ -327,6 +356,8 @@ def step_label(step: dict) -> str:
         parts.append(config["pattern"])
     if step.get("removed"):
         parts.append(f"−{len(step['removed'])} blocks")
+    if isinstance(config.get("bits"), int):
+        parts.append(f"int{config['bits']}" + (f" g{config['group_size']}" if config.get("group_size") else ""))
     return " ".join(parts)
 
 
