@@ -14,8 +14,7 @@ from slimformer.methods.obs import obs_compress
 from slimformer.methods.quantization import _fold
 from slimformer.models.adapters import weight_shape
 from slimformer.models.quantized import QuantizedEmbedding, QuantizedLinear, float_path, quantized_modules
-from slimformer.models.quantizer import (QuantScheme, dequantize, pack, qparams, quantize, quantize_weight,
-                                         unpack)
+from slimformer.models.quantizer import QuantScheme, pack, qparams, quantize, quantize_weight, unpack
 
 
 def gen(seed: int) -> torch.Generator:
@@ -299,3 +298,18 @@ def test_cli_quantize_writes_a_checkpoint_that_loads(saved_tiny, tmp_path, capsy
     step = report["steps"][0]
     assert step["bits_grid"]["values"][0][0] == "int4 g16" and step["mean_bits"] == 4
     assert "Bits per layer" in (out / "report.html").read_text()
+
+
+def test_checkpoints_targeting_class_names_load_as_llm_compressor_writes_them(tmp_path):
+    """llm-compressor lists ``targets: [Linear]`` with ``ignore: [lm_head]`` rather than module names."""
+    model = tiny_model("llama")
+    apply(get_adapter(model), RTNConfig(bits=4, group_size=16))
+    path = save_model(model, tiny_tokenizer(), tmp_path / "q")
+    config = json.loads((path / "config.json").read_text())
+    group = next(iter(config["quantization_config"]["config_groups"].values()))
+    group["targets"], config["quantization_config"]["ignore"] = ["Linear"], ["lm_head"]
+    (path / "config.json").write_text(json.dumps(config))
+    reloaded = load_model(str(path)).model
+    assert set(quantized_modules(reloaded)) == set(quantized_modules(model))
+    ids = random_ids(2, 12, seed=9)
+    assert torch.equal(logits(reloaded, ids), logits(model, ids))

@@ -12,6 +12,7 @@ config group per scheme listing its modules, ``format`` per group or for all,
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -125,6 +126,16 @@ def _read_weight(name: str, state: dict[str, torch.Tensor], scheme: QuantScheme)
     return QuantizedWeight(codes, scale, zero, scheme)
 
 
+def _targeted(name: str, module: nn.Module, targets: list[str]) -> bool:
+    """compressed-tensors' matching: a module name, ``re:`` + a regex of names, or a class name such as ``Linear``."""
+    for t in targets:
+        if t == name or t == type(module).__name__ or (t.startswith("re:") and re.match(t[3:], name)):
+            return True
+        if t == "Linear" and isinstance(module, nn.Linear) or t == "Embedding" and isinstance(module, nn.Embedding):
+            return True
+    return False
+
+
 def load_quantized(folder: Path, model_class, config, dtype: torch.dtype) -> nn.Module:
     """Build ``model_class`` from ``config`` and fill it from a compressed-tensors checkpoint, as packed modules."""
     qc = config.quantization_config
@@ -134,15 +145,17 @@ def load_quantized(folder: Path, model_class, config, dtype: torch.dtype) -> nn.
     state: dict[str, torch.Tensor] = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
         state.update(load_file(file))
-    names = {n for n, _ in model.named_modules()}
+    ignore = list(qc.get("ignore") or [])
     weights = {}
     for group in qc["config_groups"].values():
         scheme = _scheme_of(group["weights"])
-        for target in group["targets"]:
-            if target not in names:
-                raise SlimformerError(f"quantized checkpoint {folder}: config group target '{target}' is not a module "
-                                      "name of this model (slimformer reads checkpoints that list their modules)")
-            weights[target] = _read_weight(target, state, scheme)
+        for name, module in model.named_modules():
+            stored = f"{name}.weight_scale" in state
+            if stored and name not in weights and _targeted(name, module, group["targets"]) \
+                    and not _targeted(name, module, ignore):
+                weights[name] = _read_weight(name, state, scheme)
+    if not weights:
+        raise SlimformerError(f"quantized checkpoint {folder}: no module of this model matches its config groups")
     install(model, weights)
     for name, module in quantized_modules(model).items():
         if isinstance(module, QuantizedEmbedding):
