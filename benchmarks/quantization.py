@@ -24,8 +24,9 @@ import torch
 
 from common import RESULTS, run_children, write_result
 
-RUNS = ["dense", "kernels", "rtn8", "rtn4g64", "gptq4g64", "awq4g64", "gptq4g64+head8", "rtn8+head8",
-        "gptq4g32sym", "gptq4g64act", "sleb3+gptq4g64", "rtn4g32asym"]
+RUNS = ["dense", "floor", "kernels", "rtn8", "rtn4g64", "gptq4g64", "awq4g64", "gptq4g64+head8", "llmc-gptq", "torchao",
+        "rtn8+head8", "gptq4g64act", "gptq4g32sym", "llmc-awq", "sleb3+gptq4g64", "rtn4g32asym"]  # in order of priority
+PEERS = ("llmc-gptq", "llmc-awq", "torchao")  # need --peer-python: an environment with llmcompressor and torchao
 
 
 def steps(name: str) -> list:
@@ -82,16 +83,84 @@ def kernel_rows(repeats: int = 7, copies: int = 48) -> list[dict]:
     return out
 
 
-def one_run(name: str, windows: int, nsamples: int) -> dict:
-    """Quantize in this process and measure; called in a child process by ``main``."""
-    from slimformer import load_model, save_model
+class _Free(torch.nn.Module):
+    """A stand-in projection that costs nothing: zeros of the output shape."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def decode_floor() -> dict:
+    """Decode tokens/s of SmolLM2 with every projection and the head replaced by free stand-ins, beside the fp32 model.
+
+    What is left is the rest of an eager decode step (norms, rotary, attention over the cache,
+    the cache itself, Python): a ceiling on what any weight format can speed up.
+    """
+    from slimformer import load_model
+    from slimformer.evaluation.speed import compare_speed
+    from slimformer.methods import select_linears
+    from slimformer.models.quantized import replace_module
+
+    dense = load_model("smollm2-135m").model
+    free = load_model("smollm2-135m")
+    for name, module in {**select_linears(free.adapter), "lm_head": free.model.lm_head}.items():
+        replace_module(free.model, name, _Free(module.out_features))
+    ids = torch.randint(0, 1000, (1, 2048), generator=torch.Generator().manual_seed(0))
+    speed = compare_speed({"dense": dense, "free": free.model}, ids, repeats=3, prompt_tokens=128, new_tokens=32)
+    return {k: {f: v[f] for f in ("prefill_s", "decode_tok_s")} for k, v in speed.items()}
+
+
+def peer_run(name: str, nsamples: int, peer_python: str, folder: Path) -> tuple[dict, Path | None]:
+    """Run a reference tool in its own environment on the same checkpoint and calibration windows."""
+    import subprocess
+    import sys
+
+    from slimformer import load_model
     from slimformer.data import calibration_samples, load_text, tokenize
-    from slimformer.evaluation import measure_costs, perplexity, size_on_disk
+    from slimformer.models.loading import gguf_checkpoint, resolve_alias
+
+    model_dir = gguf_checkpoint(resolve_alias("smollm2-135m"))
+    tokenizer = load_model("smollm2-135m").tokenizer
+    data = folder / "inputs.pt"
+    torch.save({"samples": calibration_samples(tokenizer, "wikitext2:valid", n=nsamples, seqlen=2048, seed=0),
+                "ids": tokenize(tokenizer, load_text("wikitext2:test"))[:, :2048].clone()}, data)
+    what = name.removeprefix("llmc-")
+    out = folder / what
+    proc = subprocess.run([peer_python, str(Path(__file__).with_name("peers.py")), "--what", what, "--model",
+                           str(model_dir), "--samples", str(data), "--out", str(out)], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"peer {name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):]), (out if what != "torchao" else None)
+
+
+def one_run(name: str, windows: int, nsamples: int, peer_python: str | None = None) -> dict:
+    """Quantize in this process and measure; called in a child process by ``main``."""
+    from slimformer import load_model
+    from slimformer.data import calibration_samples
     from slimformer.methods import apply
 
     torch.set_num_threads(2)
     if name == "kernels":
         return {"name": name, "rows": kernel_rows()}
+    if name == "floor":
+        return {"name": name, "speed": decode_floor()}
+    if name in PEERS:
+        if not peer_python:
+            raise SystemExit(f"{name} needs --peer-python (an environment with llmcompressor and torchao)")
+        with tempfile.TemporaryDirectory() as tmp:
+            peer, checkpoint = peer_run(name, nsamples, peer_python, Path(tmp))
+            if checkpoint is None:
+                return {"name": name, **peer}
+            # the reference's own compressed-tensors checkpoint, read by slimformer's loader and measured as ours
+            loaded = load_model(str(checkpoint))
+            out = {"name": name, "peer": peer, "compression_s": peer["seconds"], "peak_rss_gib": peer["peak_rss_gib"],
+                   "quantization_config": json.loads((checkpoint / "config.json").read_text())["quantization_config"]}
+            return _measure(loaded, out, windows)
     loaded = load_model("smollm2-135m")
     out: dict = {"name": name, "steps": []}
     configs = steps(name)
@@ -103,6 +172,15 @@ def one_run(name: str, windows: int, nsamples: int) -> dict:
                                  "peak_rss_gib": result.peak_rss_gib, "summary": result.summary})
         out["compression_s"] = sum(s["seconds"] for s in out["steps"])
         out["peak_rss_gib"] = max(s["peak_rss_gib"] for s in out["steps"])
+    return _measure(loaded, out, windows)
+
+
+def _measure(loaded, out: dict, windows: int) -> dict:
+    """Perplexity, size on disk, and speed against a freshly loaded fp32 model, alternating."""
+    from slimformer import load_model, save_model
+    from slimformer.data import load_text, tokenize
+    from slimformer.evaluation import measure_costs, perplexity, size_on_disk
+
     ids = tokenize(loaded.tokenizer, load_text("wikitext2:test"))
     out["ppl"] = perplexity(loaded.model, ids, windows=windows, progress=False).perplexity
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,6 +207,21 @@ def _rows(results: dict[str, dict]) -> list[tuple[str, str]]:
                              f"packed {k['kernel_us']:.0f} µs · dequant+fp32 {k['dequant_us']:.0f} µs · "
                              f"fp32 {k['fp32_us']:.0f} µs"))
             continue
+        if name == "floor":
+            f, d = r["speed"]["free"], r["speed"]["dense"]
+            rows.append(("decode with free projections and head (ceiling of any weight format)",
+                         f"{f['decode_tok_s']:.1f} tok/s = {f['decode_tok_s'] / d['decode_tok_s']:.2f}× fp32 dense "
+                         f"({d['decode_tok_s']:.1f} tok/s); {1e3 / f['decode_tok_s']:.1f} ms of every step is not in "
+                         "the projections"))
+            continue
+        if name == "torchao":
+            d = r["speed"]["dense"]
+            for peer, f in r["speed"].items():
+                if peer != "dense":
+                    rows.append((f"{peer} (eager, torchao {r['versions']['torchao']})",
+                                 f"decode {f['decode_tok_s']:.1f} tok/s ({f['decode_tok_s'] / d['decode_tok_s']:.2f}× "
+                                 f"fp32) · prefill 2048 {f['prefill_s']:.2f} s ({d['prefill_s'] / f['prefill_s']:.2f}× fp32)"))
+            continue
         s = r["speed"]["model"]
         rel = f" ({r['ppl'] / dense['ppl']:.3f}× dense)" if dense and name != "dense" else ""
         size = f"{r['size_bytes'] / 2**20:.0f} MiB" + (f" ({r['size_bytes'] / dense['size_bytes']:.3f}×)" if dense else "")
@@ -144,17 +237,20 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated run names: " + ", ".join(RUNS))
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--peer-python", default=None,
+                        help="python of an environment with llmcompressor and torchao, for the runs " + ", ".join(PEERS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(one_run(json.loads(args.child), args.windows, args.nsamples)))
+        print("RESULT " + json.dumps(one_run(json.loads(args.child), args.windows, args.nsamples, args.peer_python)))
         return
-    runs = [r for r in RUNS if not args.only or r in args.only.split(",")]
+    runs = [r for r in RUNS if (r in args.only.split(",") if args.only else r not in PEERS or args.peer_python)]
     path = RESULTS / "quantization_smollm2.json"
     results = {r["name"]: r for r in (json.loads(path.read_text())["runs"] if path.exists() else [])}
     for run in runs:  # written after every run: a long benchmark keeps what it measured
-        results.update({r["name"]: r for r in run_children(__file__, [run], ["--windows", str(args.windows),
-                                                                             "--nsamples", str(args.nsamples)])})
+        extra = ["--windows", str(args.windows), "--nsamples", str(args.nsamples)]
+        extra += ["--peer-python", args.peer_python] if args.peer_python else []
+        results.update({r["name"]: r for r in run_children(__file__, [run], extra)})
         write_result("quantization_smollm2", {"windows": args.windows, "nsamples": args.nsamples,
                                               "runs": [results[n] for n in RUNS if n in results]}, _rows(results))
 
