@@ -25,7 +25,7 @@ import torch
 from common import RESULTS, run_children, write_result
 
 RUNS = ["dense", "floor", "kernels", "rtn8", "rtn4g64", "gptq4g64", "awq4g64", "gptq4g64+head8", "llmc-gptq", "torchao",
-        "rtn8+head8", "gptq4g64act", "gptq4g32sym", "llmc-awq", "sleb3+gptq4g64", "rtn4g32asym"]  # in order of priority
+        "rtn8+head8", "gptq4g64noact", "llmc-awq", "gptq4g32sym", "sleb3+gptq4g64", "rtn4g32asym"]  # in order of priority
 PEERS = ("llmc-gptq", "llmc-awq", "torchao")  # need --peer-python: an environment with llmcompressor and torchao
 
 
@@ -42,7 +42,7 @@ def steps(name: str) -> list:
         "rtn4g32asym": [RTNConfig(bits=4, group_size=32, symmetric=False)],
         "gptq4g64": [GPTQConfig(bits=4, group_size=64, **head)],
         "gptq4g32sym": [GPTQConfig(bits=4, group_size=32)],
-        "gptq4g64act": [GPTQConfig(bits=4, group_size=64, act_order=True)],
+        "gptq4g64noact": [GPTQConfig(bits=4, group_size=64, act_order=False)],
         "awq4g64": [AWQConfig(bits=4, group_size=64)],
         "sleb3+gptq4g64": [SLEBConfig(blocks=3), GPTQConfig(bits=4, group_size=64)],
     }
@@ -51,7 +51,7 @@ def steps(name: str) -> list:
 
 def kernel_rows(repeats: int = 7, copies: int = 48) -> list[dict]:
     """Microseconds per call of one SmolLM2 projection, packed kernel vs dequantized float vs fp32 Linear, by rows."""
-    from slimformer.models.quantized import QuantizedLinear, float_path
+    from slimformer.models.quantized import DECODE_ROWS, QuantizedLinear, float_path, set_decode_rows
     from slimformer.models.quantizer import QuantScheme, quantize_weight
 
     out = []
@@ -73,10 +73,14 @@ def kernel_rows(repeats: int = 7, copies: int = 48) -> list[dict]:
                     return statistics.median(times) / len(mods) * 1e6
 
                 with torch.no_grad():
-                    per_call(quant)  # warm-up
+                    set_decode_rows(1 << 30)  # the packed kernels at every row count
+                    per_call(quant)  # warm-up (the allocator settles on the sizes it is asked for)
                     kernel = per_call(quant)
+                    set_decode_rows(DECODE_ROWS)
                     with float_path():
+                        per_call(quant)
                         dequant = per_call(quant)
+                    per_call(dense)
                     fp32 = per_call(dense)
                 out.append({"shape": f"{k}->{n}", "bits": bits, "group": group, "rows": rows, "kernel_us": kernel,
                             "dequant_us": dequant, "fp32_us": fp32})

@@ -109,6 +109,10 @@ def test_the_parser_names_equal_the_library_lists():
     assert (cli.DTYPES, cli.BOS_MODES, cli.PROPAGATE) == (tuple(DTYPES), BOS_MODES, PROPAGATE)
     assert (cli.SPACES, cli.OBJECTIVES, cli.STRATEGIES, cli.BACKENDS) == (SPACES, OBJECTIVES, STRATEGIES, BACKENDS)
     assert cli.GLUE_TASKS == tuple(GLUE_TASKS)
+    from slimformer.methods.quantization import AWQConfig, GPTQConfig, RTNConfig
+    from slimformer.models.quantizer import BITS
+
+    assert cli.QUANT_BITS == BITS and cli.QUANT_METHODS == (RTNConfig.method, GPTQConfig.method, AWQConfig.method)
     assert (cli.SOURCES_HELP, cli.TASKS_HELP) == (SOURCES_HELP, TASKS_HELP)
 
 
@@ -138,7 +142,8 @@ def test_every_option_default_equals_its_library_default():
     import inspect
 
     from slimformer.evaluation import run_glue
-    from slimformer.methods import FinetuneConfig, MagnitudeConfig, SLEBConfig, SparseGPTConfig, WandaConfig
+    from slimformer.methods import (AWQConfig, FinetuneConfig, GPTQConfig, MagnitudeConfig, RTNConfig, SLEBConfig,
+                                    SparseGPTConfig, WandaConfig)
     from slimformer.recipes import Calibration
     from slimformer.search.structural import SearchConfig
 
@@ -152,6 +157,12 @@ def test_every_option_default_equals_its_library_default():
                   "seqlen": (Calibration, "seqlen")},
         "remove-blocks": {"protect": (SLEBConfig, "protect"), "batch_size": (SLEBConfig, "batch_size"),
                           "calib": (Calibration, "source"), "seqlen": (Calibration, "seqlen")},
+        "quantize": {"bits": (RTNConfig, "bits"), "group_size": (RTNConfig, "group_size"),
+                     "head_bits": (RTNConfig, "head_bits"), "blocksize": (GPTQConfig, "blocksize"),
+                     "percdamp": (GPTQConfig, "percdamp"), "act_order": (GPTQConfig, "act_order"),
+                     "then": (AWQConfig, "then"), "batch_size": (GPTQConfig, "batch_size"),
+                     "calib": (Calibration, "source"), "nsamples": (Calibration, "nsamples"),
+                     "seqlen": (Calibration, "seqlen")},
         "search": {name: (SearchConfig, name) for name in ("space", "strategy", "trials", "population", "backend",
                                                            "seed", "epochs", "random_subnets", "distill", "sampling",
                                                            "supernet_init", "train_limit", "max_length")},

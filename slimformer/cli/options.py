@@ -182,7 +182,8 @@ def add_quantize_parser(sub, helps: dict[str, str]) -> None:
                         "the largest of 128, 64, 32 that divides every width)")
     p.add_argument("--asymmetric", action="store_true", help="a zero point per group (default: symmetric)")
     p.add_argument("--mse", action="store_true", help="clip each range to the value minimising the rounding error")
-    p.add_argument("--act-order", action="store_true", help="gptq: columns by decreasing Hessian diagonal")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="gptq: columns by decreasing Hessian diagonal, with static groups (default: on)")
     p.add_argument("--static-groups", action="store_true", help="gptq: group scales from the unquantized weight")
     p.add_argument("--then", default="rtn", choices=["rtn", "gptq"], help="awq: the rounding after the scales")
     p.add_argument("--head", action="store_true", help="also quantize lm_head, per row, to --head-bits")

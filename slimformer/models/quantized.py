@@ -26,7 +26,7 @@ from torch import nn
 from slimformer.models.quantizer import QuantizedWeight, QuantScheme, dequantize
 
 _KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes the CPU int4 kernel takes
-DECODE_ROWS = 16  # rows up to which the packed kernels run; see benchmarks/quantization.py
+DECODE_ROWS = 64  # rows up to which the packed kernels run: the crossover measured by benchmarks/quantization.py
 _state = {"decode_rows": DECODE_ROWS, "kernels": True}
 
 
