@@ -88,6 +88,22 @@ def config_dict(config) -> dict[str, Any]:
     return {"method": config.method, **dataclasses.asdict(config)}
 
 
+@dataclass(frozen=True)
+class CalibratedFields:
+    """Fields of every method that reads calibration data through the block runner (mixed into its config)."""
+
+    propagate: str = "sequential"
+    batch_size: int = 1
+    device: str = "cpu"
+
+    def check_propagate(self) -> None:
+        """Refuse a propagation mode the runner does not know."""
+        from slimformer.calibration import PROPAGATE
+
+        if self.propagate not in PROPAGATE:
+            raise SlimformerError(f"propagate must be one of {', '.join(PROPAGATE)}, not '{self.propagate}'")
+
+
 def _matches(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None

@@ -20,9 +20,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from slimformer.calibration import PROPAGATE, BlockRunner
+from slimformer.calibration import BlockRunner
 from slimformer.errors import SlimformerError
-from slimformer.methods.base import MethodResult, config_dict, register, select_linears
+from slimformer.methods.base import CalibratedFields, MethodResult, config_dict, register, select_linears
 from slimformer.methods.obs import obs_compress
 from slimformer.methods.statistics import InputStats, StatsVisitor
 from slimformer.models.adapters import Adapter, weight_matrix
@@ -88,17 +88,12 @@ class RTNConfig(QuantConfig):
 
 
 @dataclass(frozen=True)
-class CalibratedQuantConfig(QuantConfig):
+class CalibratedQuantConfig(CalibratedFields, QuantConfig):
     """Fields of the quantization methods that read calibration data through the block runner."""
-
-    propagate: str = "sequential"
-    batch_size: int = 1
-    device: str = "cpu"
 
     def __post_init__(self):
         super().__post_init__()
-        if self.propagate not in PROPAGATE:
-            raise SlimformerError(f"propagate must be one of {', '.join(PROPAGATE)}, not '{self.propagate}'")
+        self.check_propagate()
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from torch import nn
 
 from slimformer.errors import SlimformerError
 from slimformer.models.quantized import QuantizedEmbedding, install, quantized_modules
+from slimformer.models.sparse_storage import fill
 from slimformer.models.quantizer import QuantizedWeight, QuantScheme, pack, unpack
 
 _PACKED, _INT = "pack-quantized", "int-quantized"
@@ -165,14 +166,5 @@ def load_quantized(folder: Path, model_class, config, dtype: torch.dtype) -> nn.
             raise SlimformerError(f"quantized checkpoint {folder}: bias of {name} does not match the model")
         if bias is not None:
             module.bias.data.copy_(bias)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    quantized_prefixes = tuple(f"{n}." for n in weights)
-    missing = [k for k in missing if not k.startswith(quantized_prefixes)]
-    model.tie_weights()
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {params[k].data_ptr() for k in state if k in params}
-    untied = [k for k in missing if k in params and params[k].data_ptr() not in loaded]
-    if untied or unexpected:
-        raise SlimformerError(f"quantized checkpoint {folder} does not match its config: "
-                              f"missing {untied[:3]}, unexpected {unexpected[:3]}")
+    fill(model, state, f"quantized checkpoint {folder}", skip=tuple(f"{n}." for n in weights))
     return model

@@ -113,13 +113,17 @@ def load_sparse(folder: Path, model_class, config, dtype: torch.dtype) -> nn.Mod
     """Build ``model_class`` from ``config`` and fill it from a sparse-bitmask checkpoint."""
     config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
     model = model_class.from_config(config, dtype=dtype)
-    state = read_sparse(folder)
+    fill(model, read_sparse(folder), f"sparse checkpoint {folder}")
+    return model
+
+
+def fill(model: nn.Module, state: dict[str, torch.Tensor], what: str, skip: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``model`` and tie its weights; a tensor missing (not tied, not under ``skip``) or unexpected fails."""
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(skip)] if skip else missing
     model.tie_weights()
     params = dict(model.named_parameters(remove_duplicate=False))
     loaded = {params[k].data_ptr() for k in state if k in params}
     untied = [k for k in missing if k in params and params[k].data_ptr() not in loaded]
     if untied or unexpected:
-        raise SlimformerError(f"sparse checkpoint {folder} does not match its config: "
-                              f"missing {untied[:3]}, unexpected {unexpected[:3]}")
-    return model
+        raise SlimformerError(f"{what} does not match its config: missing {untied[:3]}, unexpected {unexpected[:3]}")
