@@ -48,6 +48,10 @@ def llm_compressor(what: str, model_dir: str, samples: torch.Tensor, out: Path) 
                               dampening_frac=0.01)
     else:
         from llmcompressor.modifiers.awq import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        if not torch.cuda.is_available():  # llm-compressor 0.14 AWQ pins host memory, which needs an accelerator
+            IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
 
         recipe = AWQModifier(config_groups={"group_0": _scheme()}, ignore=["lm_head"])
     data = Dataset.from_dict({"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()})

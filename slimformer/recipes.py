@@ -10,7 +10,7 @@ A recipe names the model, the calibration data, the seed, what to measure, and t
     steps:
       - {method: sleb, ratio: 0.2, criterion: influence}
       - {method: wanda, sparsity: 0.5}
-      - {method: finetune, steps: 50, seqlen: 256}
+      - {method: distill, tokens: 100000}   # the teacher: the model before the recipe
       - {method: eval, ppl: wikitext2, windows: 8, tasks: [piqa], limit: 200}
 
 Each step is a method's config (every field of its dataclass may be given; see
@@ -234,6 +234,7 @@ class _Context:
         self._calibration_ids = None
         self._test_ids = None
         self._speed_ids = None
+        self._training_ids: dict[str, torch.Tensor] = {}
         self.bos = loaded.window_bos(recipe.bos)
 
     @property
@@ -247,6 +248,12 @@ class _Context:
         if self._calibration_ids is None:
             self._calibration_ids = tokenize(self.loaded.tokenizer, load_text(self.recipe.calibration.source))
         return self._calibration_ids
+
+    def training_ids(self, source: str) -> torch.Tensor:
+        """Token ids of a training text (for recovery steps), read once per source."""
+        if source not in self._training_ids:
+            self._training_ids[source] = tokenize(self.loaded.tokenizer, load_text(source))
+        return self._training_ids[source]
 
     def test_ids(self) -> torch.Tensor:
         if self._test_ids is None:
@@ -306,8 +313,13 @@ def _run_step(ctx: _Context, index: int, step) -> dict:
                                          batch_size=step.batch_size, progress=ctx.progress) for t in step.tasks}
         out["seconds"] = time.perf_counter() - start
         return out
-    needs = getattr(step, "needs_samples", True)
-    result: MethodResult = apply(ctx.loaded.adapter, step, ctx.samples if needs else None)
+    if getattr(step, "train_source", None):  # recovery trains on its own text; its teacher is the model before the recipe
+        if getattr(step, "needs_teacher", False) and step.teacher is None:
+            step = dataclasses.replace(step, teacher=ctx.recipe.model)
+        samples = ctx.training_ids(step.train_source)
+    else:
+        samples = ctx.samples if getattr(step, "needs_samples", True) else None
+    result: MethodResult = apply(ctx.loaded.adapter, step, samples)
     return dataclasses.asdict(result)
 
 

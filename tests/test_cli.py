@@ -114,6 +114,10 @@ def test_the_parser_names_equal_the_library_lists():
 
     assert cli.QUANT_BITS == BITS and cli.QUANT_METHODS == (RTNConfig.method, GPTQConfig.method, AWQConfig.method)
     assert (cli.SOURCES_HELP, cli.TASKS_HELP) == (SOURCES_HELP, TASKS_HELP)
+    from slimformer.cli import options
+    from slimformer.methods.distill_math import KD_LOSSES
+
+    assert options.KD_LOSSES == KD_LOSSES
 
 
 def test_help_and_argument_errors_import_no_heavy_library():
@@ -142,8 +146,8 @@ def test_every_option_default_equals_its_library_default():
     import inspect
 
     from slimformer.evaluation import run_glue
-    from slimformer.methods import (AWQConfig, FinetuneConfig, GPTQConfig, MagnitudeConfig, RTNConfig, SLEBConfig,
-                                    SparseGPTConfig, WandaConfig)
+    from slimformer.methods import (AWQConfig, DistillConfig, FinetuneConfig, GPTQConfig, LoRAConfig, MagnitudeConfig,
+                                    RTNConfig, SLEBConfig, SparseGPTConfig, WandaConfig)
     from slimformer.recipes import Calibration
     from slimformer.search.structural import SearchConfig
 
@@ -153,6 +157,7 @@ def test_every_option_default_equals_its_library_default():
                   "rounds": (MagnitudeConfig, "rounds"), "round_steps": (MagnitudeConfig, "finetune_steps"),
                   "blocksize": (SparseGPTConfig, "blocksize"), "percdamp": (SparseGPTConfig, "percdamp"),
                   "finetune_lr": (FinetuneConfig, "lr"), "finetune_seqlen": (FinetuneConfig, "seqlen"),
+                  "finetune_data": (FinetuneConfig, "data"),
                   "calib": (Calibration, "source"), "nsamples": (Calibration, "nsamples"),
                   "seqlen": (Calibration, "seqlen")},
         "remove-blocks": {"protect": (SLEBConfig, "protect"), "batch_size": (SLEBConfig, "batch_size"),
@@ -163,6 +168,11 @@ def test_every_option_default_equals_its_library_default():
                      "then": (AWQConfig, "then"), "batch_size": (GPTQConfig, "batch_size"),
                      "calib": (Calibration, "source"), "nsamples": (Calibration, "nsamples"),
                      "seqlen": (Calibration, "seqlen")},
+        "recover": {**{name: (DistillConfig, name) for name in ("tokens", "data", "seqlen", "batch_size", "heldout",
+                                                                "eval_every", "patience", "seed", "loss", "temperature",
+                                                                "top_k", "hidden_weight", "cache", "teacher")},
+                    "lora_rank": (LoRAConfig, "lora_rank"), "lora_alpha": (LoRAConfig, "lora_alpha"),
+                    "lora_targets": (LoRAConfig, "lora_targets")},
         "search": {name: (SearchConfig, name) for name in ("space", "strategy", "trials", "population", "backend",
                                                            "seed", "epochs", "random_subnets", "distill", "sampling",
                                                            "supernet_init", "train_limit", "max_length")},

@@ -11,8 +11,8 @@ import slimformer.recipes as recipes
 from conftest import tiny_model, tiny_tokenizer
 from slimformer import SlimformerError, get_adapter, load_model
 from slimformer.cli import main
-from slimformer.methods import (AWQConfig, FinetuneConfig, GPTQConfig, MagnitudeConfig, RTNConfig, SLEBConfig,
-                                SparseGPTConfig, WandaConfig, apply)
+from slimformer.methods import (AWQConfig, DistillConfig, FinetuneConfig, GPTQConfig, LoRAConfig, MagnitudeConfig,
+                                RTNConfig, SLEBConfig, SparseGPTConfig, WandaConfig, apply)
 from slimformer.models import LoadedModel
 from slimformer.recipes import STEPS, EvalConfig, Recipe, load_recipe, parse_recipe, run_recipe
 
@@ -21,7 +21,9 @@ EXAMPLES = {
     "wanda": WandaConfig(sparsity=0.4, ignore=("re:.*k_proj",), propagate="dense", batch_size=2),
     "sparsegpt": SparseGPTConfig(sparsity=0.5, blocksize=64, percdamp=0.02),
     "sleb": SLEBConfig(ratio=0.25, criterion="oneshot", protect=(0,), cache_gib=0.1),
-    "finetune": FinetuneConfig(steps=7, lr=3e-4, seqlen=64),
+    "finetune": FinetuneConfig(steps=7, lr=3e-4, seqlen=64, data="text:t.txt"),
+    "distill": DistillConfig(tokens=5000, teacher="t", loss="js", top_k=8, hidden_weight=0.5, lora_targets=("q",)),
+    "lora": LoRAConfig(lora_rank=4, kd_weight=1.0, ce_weight=0.0, masked_merge=False, cache="/tmp/c"),
     "rtn": RTNConfig(bits=8, mse=True, head=True, embedding=True),
     "gptq": GPTQConfig(bits=4, group_size=16, act_order=True, ignore=("re:.*down_proj",), percdamp=0.05),
     "awq": AWQConfig(bits=4, group_size=-1, symmetric=False, then="gptq", grid=10, clip=False),
@@ -89,7 +91,9 @@ def test_recipe_equals_its_methods_one_after_another(tmp_path, monkeypatch):
 @pytest.fixture
 def saved_recipe(saved_tiny, tmp_path):
     path, text = saved_tiny
-    recipe = Recipe(steps=(MagnitudeConfig(sparsity=0.3), WandaConfig(sparsity=0.5), FinetuneConfig(steps=2, lr=1e-3)),
+    recovery = DistillConfig(steps=3, lr=1e-3, data=f"text:{text}", seqlen=16, batch_size=2, heldout=2, eval_every=2,
+                             hidden_weight=0.5, ce_weight=0.5)  # the teacher: the recipe's model
+    recipe = Recipe(steps=(MagnitudeConfig(sparsity=0.3), WandaConfig(sparsity=0.5), recovery),
                     model=str(path), seed=0, calibration=recipes.Calibration(f"text:{text}", 4, 16),
                     measure=recipes.Measure(ppl_windows=0, speed=True, prefill_tokens=24, new_tokens=4, repeats=1))
     return recipe
@@ -122,7 +126,8 @@ def test_interrupted_run_resumes_after_the_last_finished_step(saved_recipe, tmp_
     a, b = weights(tmp_path / "clean"), weights(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((out / "run.json").read_text())
-    assert [s["result"]["method"] for s in summary["steps"]] == ["magnitude", "wanda", "finetune"]
+    assert [s["result"]["method"] for s in summary["steps"]] == ["magnitude", "wanda", "distill"]
+    assert summary["steps"][2]["result"]["config"]["teacher"] == saved_recipe.model
     assert summary["steps"][1]["after"]["nonzero_params"] < summary["before"]["nonzero_params"]
     exact = lambda s: {r["metric"]: r.get("after") for r in s["before_after"]  # noqa: E731
                        if r["key"] in ("params", "nonzero_params", "sparsity")}

@@ -16,8 +16,11 @@ STRATEGIES = ("random", "local", "nsga2")
 BACKENDS = ("local", "ray")
 QUANT_METHODS = ("rtn", "gptq", "awq")
 QUANT_BITS = (2, 3, 4, 8)
+RECOVER_METHODS = ("ce", "kd", "lora", "kd+lora")
+KD_LOSSES = ("kl", "reverse_kl", "js")
 GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
-SOURCES_HELP = "wikitext2[:test|valid], text:PATH (or PATH.txt), jsonl:PATH[:FIELD] (or PATH.jsonl)"
+SOURCES_HELP = ("wikitext2[:test|valid], alpaca[:PATH], text:PATH (or PATH.txt), jsonl:PATH[:FIELD] (or PATH.jsonl); "
+                "A+B joins sources")
 TASKS_HELP = ("piqa, arc_easy, arc_challenge, boolq, hellaswag, winogrande, lambada, or a jsonl file (jsonl:PATH "
               "or PATH.jsonl) in a multiple-choice, partial-scoring or language-modelling layout")
 
@@ -146,9 +149,11 @@ def add_prune_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--round-steps", type=int, default=0, help="magnitude: fine-tune steps after each round")
     p.add_argument("--blocksize", type=int, default=128, help="sparsegpt: column block size")
     p.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: dampening, fraction of mean diag(H)")
-    p.add_argument("--finetune-steps", type=int, default=0, help="masked fine-tuning steps after pruning")
-    p.add_argument("--finetune-lr", type=float, default=1e-4)
-    p.add_argument("--finetune-seqlen", type=int, default=512, help="crop samples to this length for fine-tuning")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="fine-tuning steps after pruning, pruned weights kept at zero (see `recover` for more)")
+    p.add_argument("--finetune-lr", type=float, default=5e-5)
+    p.add_argument("--finetune-seqlen", type=int, default=512, help="tokens per fine-tuning window")
+    p.add_argument("--finetune-data", default="wikitext2:valid+alpaca", help=f"fine-tuning text: {SOURCES_HELP}")
     p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
     p.add_argument("--out", required=True, help="folder for the pruned model (stock transformers loads it)")
     p.add_argument("--sparse-out", default=None, help="folder for a sparse-bitmask copy (smaller on disk)")
@@ -203,4 +208,51 @@ def add_quantize_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--percdamp", type=float, default=0.01, help="gptq: dampening, fraction of mean diag(H)")
     p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
     p.add_argument("--out", required=True, help="folder for the compressed-tensors checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def token_count(text: str) -> int:
+    """A token budget such as ``200000``, ``200k`` or ``1.5M``."""
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a token count: '{text}' (e.g. 200000, 200k, 1.5M)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"the token budget must be at least 1, not {text}")
+    return int(value)
+
+
+def add_recover_parser(sub, helps: dict[str, str]) -> None:
+    """``recover``: fine-tuning, distillation from the original model, LoRA, or distillation into LoRA."""
+    p = sub.add_parser("recover", help=helps["recover"])
+    add_model_args(p)
+    p.add_argument("--teacher", default=None, help="the model before compression (needed by kd and kd+lora)")
+    p.add_argument("--method", default="kd", choices=RECOVER_METHODS,
+                   help="ce: plain fine-tuning; kd: distillation, every weight; lora: LoRA with cross-entropy; "
+                        "kd+lora: distillation into LoRA adapters")
+    p.add_argument("--tokens", type=token_count, default=200_000, help="training budget in tokens (200k, 1M...)")
+    p.add_argument("--data", default="wikitext2:valid+alpaca",
+                   help=f"training text, not the evaluation text: {SOURCES_HELP}")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per training window")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per optimiser step")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-5; 2e-4 with LoRA)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-targets", nargs="*", default=[], help="projection roles (q k v o gate up down); default all")
+    p.add_argument("--unmasked-merge", action="store_true", help="lora: merge into pruned weights too (loses sparsity)")
+    p.add_argument("--loss", default="kl", choices=KD_LOSSES, help="kd divergence: forward KL, reverse KL, Jensen-Shannon")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=64, help="teacher logits kept per token in the cache")
+    p.add_argument("--hidden-weight", type=float, default=0.0, help="weight of hidden-state distillation")
+    p.add_argument("--ce-weight", type=float, default=None, help="weight of cross-entropy on the labels (kd: default 0)")
+    p.add_argument("--cache", default=None, help="folder for the teacher cache (default: memory)")
+    p.add_argument("--heldout", type=int, default=16, help="held-out windows scored every --eval-every steps")
+    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--patience", type=int, default=3, help="stop after N held-out scores without improvement (0: never)")
+    p.add_argument("--checkpointing", action="store_true", help="recompute activations in the backward pass")
+    p.add_argument("--seed", type=int, default=0)
+    add_bos_arg(p)
+    p.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 test perplexity before/after on N windows")
+    p.add_argument("--out", required=True, help="folder for the recovered model (stock transformers loads it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -111,12 +111,12 @@ def _sparsity_table(layers: dict):
     return table
 
 
-def _one_step_recipe(args: argparse.Namespace, *steps, speed: bool):
+def _one_step_recipe(args: argparse.Namespace, *steps, speed: bool, calib: bool = True):
     """The recipe a compressing verb runs: its method (and recovery) on the flags' calibration and measurement."""
     from slimformer.recipes import Calibration, Measure, Recipe
 
     return Recipe(steps=steps, model=args.model, seed=args.seed, bos=args.bos,
-                  calibration=Calibration(args.calib, args.nsamples, args.seqlen),
+                  calibration=Calibration(args.calib, args.nsamples, args.seqlen) if calib else Calibration(),
                   measure=Measure(ppl_windows=args.ppl_windows, speed=speed))
 
 
@@ -128,7 +128,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from slimformer.recipes import run_recipe
 
     finetune = (FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, seqlen=args.finetune_seqlen,
-                               device=args.device),) if args.finetune_steps else ()
+                               data=args.finetune_data, device=args.device),) if args.finetune_steps else ()
     recipe = _one_step_recipe(args, _method_config(args), *finetune, speed=False)
     summary = run_recipe(recipe, args.out, overwrite=args.overwrite, dtype=args.dtype, sparse_out=args.sparse_out)
     result = summary["steps"][0]["result"]
@@ -187,6 +187,54 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     console.print(f"{result['method']}: {found['quantized_modules']} modules to {found['scheme']} "
                   f"(mean {found['mean_bits']:.2f} bits per quantized weight) in {result['seconds']:.1f} s, "
                   f"peak RSS {result['peak_rss_gib']:.2f} GiB")
+    _print_outcome(console, summary, args)
+    return 0
+
+
+def _recover_config(args: argparse.Namespace):
+    """The recovery config of ``recover`` from its flags; invalid values fail here, before any loading."""
+    from slimformer.methods import DistillConfig, FinetuneConfig, LoRAConfig
+
+    if args.method in ("kd", "kd+lora") and not args.teacher:
+        raise SlimformerError(f"--method {args.method} distils from a teacher: give --teacher (the model before "
+                              "compression)")
+    common = dict(data=args.data, tokens=args.tokens, seqlen=args.seqlen, batch_size=args.batch_size,
+                  heldout=args.heldout, eval_every=args.eval_every, patience=args.patience,
+                  checkpointing=args.checkpointing, seed=args.seed, device=args.device, teacher=args.teacher,
+                  loss=args.loss, temperature=args.temperature, top_k=args.top_k, hidden_weight=args.hidden_weight,
+                  cache=args.cache, **({"lr": args.lr} if args.lr else {}))
+    lora = dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets),
+                masked_merge=not args.unmasked_merge)
+    if args.method == "ce":
+        return FinetuneConfig(**common, **({"ce_weight": args.ce_weight} if args.ce_weight is not None else {}))
+    kd = dict(kd_weight=1.0, ce_weight=args.ce_weight or 0.0)
+    if args.method == "kd":
+        return DistillConfig(**common, **kd)
+    if args.method == "lora":
+        return LoRAConfig(**common, **lora, **({"ce_weight": args.ce_weight} if args.ce_weight is not None else {}))
+    return LoRAConfig(**common, **lora, **kd)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    """Win back quality after compression: fine-tuning, distillation from the original model, LoRA, or both."""
+    from rich.console import Console
+
+    from slimformer.data import load_text
+    from slimformer.recipes import run_recipe
+
+    config = _recover_config(args)
+    load_text(config.data)  # a missing training text fails before any model loads
+    summary = run_recipe(_one_step_recipe(args, config, speed=False, calib=False), args.out,
+                         overwrite=args.overwrite, dtype=args.dtype)
+    result = summary["steps"][0]["result"]
+    found = result["summary"]
+    console = Console()
+    console.print(f"{result['method']}: {found['steps']} of {found['planned_steps']} steps, {found['tokens']:,} tokens "
+                  f"at {found['tokens_per_s']:.0f} tokens/s; held-out loss {found['heldout_before']:.3f} → "
+                  f"{found['heldout_after']:.3f} (best step {found['best_step']}) in {result['seconds']:.0f} s")
+    if "teacher_cache_bytes" in found:
+        console.print(f"teacher cache: {found['teacher_cache_bytes'] / 2**20:.1f} MiB "
+                      f"({found['teacher_cache_bytes_per_token']:.0f} bytes/token), {found['teacher_cache_seconds']:.0f} s")
     _print_outcome(console, summary, args)
     return 0
 

@@ -16,7 +16,8 @@ import torch
 
 from slimformer.errors import SlimformerError
 
-SOURCES_HELP = "wikitext2[:test|valid], text:PATH (or PATH.txt), jsonl:PATH[:FIELD] (or PATH.jsonl)"
+SOURCES_HELP = ("wikitext2[:test|valid], alpaca[:PATH], text:PATH (or PATH.txt), jsonl:PATH[:FIELD] (or PATH.jsonl); "
+                "A+B joins sources")
 _WIKITEXT_SPLITS = {"test": "test", "valid": "valid", "validation": "valid"}
 _ENV = "SLIMFORMER_DATA"
 
@@ -100,11 +101,37 @@ def _read_jsonl(path: Path, field: str) -> str:
     return "\n\n".join(texts)
 
 
+_ALPACA = "instruct/alpaca/alpaca_5000.pr152-unverified.json"
+
+
+def alpaca_records(path: Path | None = None) -> list[str]:
+    """Instruction records of an Alpaca-format JSON list (instruction, input, output), one text each.
+
+    Without ``path``, the 5,000-record Alpaca subset of the data directory (CC BY-NC 4.0: the
+    Alpaca data's own licence, non-commercial). A record is its instruction, its input when it has
+    one, and its output, on separate lines, as plain text a causal LM can train on.
+    """
+    path = path or (data_dir(required=True) / _ALPACA)
+    if not path.is_file():
+        raise SlimformerError(f"Alpaca data not found at {path}")
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SlimformerError(f"{path}: not valid JSON ({e.msg})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("output"), str) for r in rows):
+        raise SlimformerError(f"{path}: not a JSON list of instruction/input/output records")
+    return ["\n".join(r[k] for k in ("instruction", "input", "output") if r.get(k)) for r in rows]
+
+
 def load_text(source: str) -> str:
-    """The text of a named source; see ``SOURCES_HELP`` for the forms."""
+    """The text of a named source; see ``SOURCES_HELP`` for the forms (``A+B``: both texts, joined)."""
+    if "+" in source and not Path(source).exists():
+        return "\n\n".join(load_text(part) for part in source.split("+"))
     kind, _, rest = source.partition(":")
     if kind == "wikitext2":
         return "\n\n".join(wikitext2_rows(rest or "test"))
+    if kind == "alpaca":
+        return "\n\n".join(alpaca_records(Path(rest).expanduser() if rest else None))
     if kind in ("text", "jsonl"):
         path_str, field = rest, "text"
         if kind == "jsonl" and ":" in rest and not Path(rest).exists():

@@ -2,13 +2,15 @@
 
 from slimformer.methods.base import METHODS, MethodResult, apply, config_dict, select_linears
 from slimformer.methods.blocks import SLEBConfig
-from slimformer.methods.finetune import FinetuneConfig
 from slimformer.methods.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from slimformer.methods.quantization import AWQConfig, GPTQConfig, RTNConfig
+from slimformer.methods.recovery import DistillConfig, FinetuneConfig, LoRAConfig
 
 __all__ = [
     "AWQConfig",
+    "DistillConfig",
     "GPTQConfig",
+    "LoRAConfig",
     "METHODS",
     "RTNConfig",
     "FinetuneConfig",

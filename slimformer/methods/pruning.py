@@ -181,9 +181,12 @@ def magnitude(adapter: Adapter, config: MagnitudeConfig, samples: torch.Tensor |
             for module, mask in zip(modules.values(), _magnitude_masks(modules, config, config.sparsity * r / rounds)):
                 pm.apply_mask(weight_matrix(module), mask)
         if config.finetune_steps:
-            from slimformer.methods.finetune import FinetuneConfig, finetune
+            from slimformer.methods.recovery import FinetuneConfig, recover
 
-            finetune(adapter, FinetuneConfig(steps=config.finetune_steps), samples)
+            # between rounds the calibration windows are the training text, passes over them allowed
+            round_config = FinetuneConfig(steps=config.finetune_steps, seqlen=min(512, samples.shape[1]), batch_size=1,
+                                          lr=1e-4, heldout=0, max_epochs=float("inf"), warmup=0.0)
+            recover(adapter, round_config, samples.reshape(1, -1), progress=False)
     return _result(config, modules, rounds=rounds)
 
 

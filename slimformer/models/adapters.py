@@ -224,6 +224,12 @@ class Adapter:
     def num_layers(self) -> int:
         return getattr(self.config, self.family.layers_field)
 
+    def block_origin(self) -> list[int]:
+        """The index each block had in the original model (blocks removed since are skipped)."""
+        origin = getattr(self.config, "slimformer_block_origin", None)
+        n = len(self.blocks)
+        return list(origin) if isinstance(origin, (list, tuple)) and len(origin) == n else list(range(n))
+
     @property
     def embeddings(self) -> list[nn.Module]:
         return [self.base.get_submodule(path) for path in self.family.embeddings]

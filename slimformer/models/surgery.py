@@ -28,6 +28,7 @@ def remove_blocks(adapter: Adapter, remove: Iterable[int]) -> list[int]:
     if len(drop) >= n:
         raise SlimformerError(f"cannot remove all {n} blocks")
     keep = [i for i in range(n) if i not in drop]
+    origin = adapter.block_origin()
     parent_path, _, attr = adapter.family.blocks.rpartition(".")
     parent = adapter.base.get_submodule(parent_path) if parent_path else adapter.base
     setattr(parent, attr, nn.ModuleList([blocks[i] for i in keep]))
@@ -42,6 +43,9 @@ def remove_blocks(adapter: Adapter, remove: Iterable[int]) -> list[int]:
     for name in ("_sliding_window_pattern", "sliding_window_pattern"):
         if name in config.__dict__ and isinstance(getattr(config, "layer_types", None), list):
             delattr(config, name)
+    # Which block of the original model each kept block is, across repeated removals and saves:
+    # distillation maps a student block to the teacher block it came from.
+    config.slimformer_block_origin = [origin[i] for i in keep]
     for new_index, block in enumerate(adapter.blocks):
         for module in block.modules():
             if hasattr(module, "layer_idx"):

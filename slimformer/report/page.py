@@ -7,7 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from slimformer.report.plots import plot_block_scores, plot_pareto, plot_quality_vs_size, plot_sparsity
+from slimformer.report.plots import (plot_block_scores, plot_pareto, plot_quality_vs_size, plot_sparsity,
+                                     plot_training)
 from slimformer.report.records import ROWS, step_label
 
 _CSS = """
@@ -103,6 +104,17 @@ def _bits_html(i: int, step: dict, grid: dict) -> str:
             + _table(["block", *grid["projections"]], rows))
 
 
+def _training_html(i: int, step: dict, training: dict) -> str:
+    """One recovery step's loss curves with its held-out loss before and after and its training speed."""
+    note = []
+    if training.get("heldout_before") is not None and training.get("heldout_after") is not None:
+        note.append(f"held-out loss {training['heldout_before']:.3f} → {training['heldout_after']:.3f}")
+    if training.get("tokens_per_s"):
+        note.append(f"{training['tokens_per_s']:.0f} training tokens/s")
+    return (f"<h3>Step {i}: {html.escape(step_label(step))}</h3><p>{html.escape('; '.join(note))}</p>"
+            + _img(plot_training(training), "training and held-out loss"))
+
+
 def render_html(report: dict) -> str:
     """The report as one HTML page: CSS and plots (base64 PNG) inline, nothing fetched."""
     steps = report.get("steps", [])
@@ -126,6 +138,9 @@ def render_html(report: dict) -> str:
         body = "".join(f"<h3>Step {i}: {html.escape(step_label(steps[i - 1]))}</h3>"
                        f"{_img(plot_block_scores(b), 'block scores')}" for i, b in scored)
         parts.append(_section("block-scores", "Block scores per round", body))
+    if trained := [(i, s["training"]) for i, s in enumerate(steps, 1) if "training" in s]:
+        body = "".join(_training_html(i, steps[i - 1], t) for i, t in trained)
+        parts.append(_section("training", "Recovery training", body))
     for n, search in enumerate(report.get("searches", []), 1):
         anchor = "pareto" if n == 1 else f"pareto-{n}"
         parts.append(_section(anchor, "Structural search: Pareto front", _search_html(search)))

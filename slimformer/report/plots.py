@@ -116,3 +116,23 @@ def plot_pareto(search: dict) -> str:
     return _png(fig)
 
 
+
+
+def plot_training(training: dict) -> str:
+    """Training loss (mean between held-out scores) and held-out loss against tokens, the kept step marked; PNG."""
+    fig = _figure(7.0, 3.6)
+    ax = fig.add_subplot()
+    if training.get("train"):
+        xs, ys = zip(*training["train"])
+        ax.plot(xs, ys, marker=".", color="C0", label="training loss")
+    if training.get("heldout"):
+        xs, ys = zip(*training["heldout"])
+        ax.plot(xs, ys, marker="o", color="C3", label="held-out loss")
+    if training.get("best_tokens") is not None:
+        ax.axvline(training["best_tokens"], color="0.4", linestyle="--", linewidth=1, label="kept")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.set_xlabel("tokens trained")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)

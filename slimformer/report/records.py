@@ -166,6 +166,20 @@ def _block_scores(summary: dict, config: dict) -> dict | None:
     return _clean({"score": score, "rounds": rounds, "dense_loss": _num(summary.get("dense_loss"))})
 
 
+def _training(summary: dict) -> dict | None:
+    """A recovery step's training and held-out loss against tokens trained, and the step it kept."""
+    points = [h for h in _list(summary.get("history")) if isinstance(h, dict) and _num(h.get("tokens")) is not None]
+    if not points:
+        return None
+    train = [(h["tokens"], h["loss"]) for h in points if _num(h.get("loss")) is not None]
+    held = [(h["tokens"], h["heldout"]) for h in points if _num(h.get("heldout")) is not None]
+    best = next((h["tokens"] for h in points if h.get("step") == summary.get("best_step")), None)
+    return _clean({"train": [list(p) for p in train], "heldout": [list(p) for p in held], "best_tokens": best,
+                   "tokens_per_s": _num(summary.get("tokens_per_s")),
+                   "heldout_before": _num(summary.get("heldout_before")),
+                   "heldout_after": _num(summary.get("heldout_after"))})
+
+
 def _step(doc: dict, rel: str) -> dict | None:
     """One compression step of a ``slimformer.json``; None when it holds no figures."""
     record = StepRecord.from_dict(doc)
@@ -189,6 +203,7 @@ def _step(doc: dict, rel: str) -> dict | None:
         "bits_grid": _bits_grid(_dict(result.get("layers"))),
         "mean_bits": _num(summary.get("mean_bits")),
         "block_scores": _block_scores(summary, config),
+        "training": _training(summary),
     })
     if not step:
         return None
@@ -358,6 +373,12 @@ def step_label(step: dict) -> str:
         parts.append(f"−{len(step['removed'])} blocks")
     if isinstance(config.get("bits"), int):
         parts.append(f"int{config['bits']}" + (f" g{config['group_size']}" if config.get("group_size") else ""))
+    if config.get("kd_weight") and step.get("method") != "distill":
+        parts.append("KD")
+    if config.get("lora_rank"):
+        parts.append(f"LoRA r{config['lora_rank']}")
+    if isinstance(config.get("tokens"), int) and "training" in step:
+        parts.append(f"{config['tokens'] / 1000:g}k tokens")
     return " ".join(parts)
 
 
