@@ -249,3 +249,16 @@ def test_cli_recover_writes_a_stock_model_and_refuses_kd_without_teacher(saved_t
 
     stock = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in n for n in stock.state_dict())
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+def test_activation_checkpointing_changes_memory_not_the_result(rank):
+    runs = []
+    for checkpointing in (False, True):
+        adapter = get_adapter(tiny_model("llama"))
+        config = LoRAConfig(tokens=128, lr=1e-2, lora_rank=rank, lora_dropout=0.0, checkpointing=checkpointing, **TRAIN)
+        runs.append(apply(adapter, config, random_ids(1, 600)).summary["history"])
+    assert len(runs[0]) == len(runs[1]) == 3  # step 0, then every 2 of 4 steps
+    for a, b in zip(*runs):
+        assert a.get("loss", 0) == pytest.approx(b.get("loss", 0), rel=1e-4)
+        assert a["heldout"] == pytest.approx(b["heldout"], rel=1e-4)
