@@ -200,10 +200,8 @@ def _measure(loaded, out: dict, windows: int) -> dict:
 def _rows(results: dict[str, dict]) -> list[tuple[str, str]]:
     dense = results.get("dense")
     rows = []
-    for name in RUNS:
-        r = results.get(name)
-        if r is None:
-            continue
+    for name in [n for base in RUNS for n in results if n.split("@")[0] == base]:
+        r = results[name]
         if name == "kernels":
             for k in r["rows"]:
                 rows.append((f"kernel {k['shape']} int{k['bits']} {'g' + str(k['group']) if k['group'] else 'per-ch'}"
@@ -230,7 +228,8 @@ def _rows(results: dict[str, dict]) -> list[tuple[str, str]]:
         rel = f" ({r['ppl'] / dense['ppl']:.3f}× dense)" if dense and name != "dense" else ""
         size = f"{r['size_bytes'] / 2**20:.0f} MiB" + (f" ({r['size_bytes'] / dense['size_bytes']:.3f}×)" if dense else "")
         cost = f" · {r['compression_s']:.0f} s, peak RSS {r['peak_rss_gib']:.2f} GiB" if "compression_s" in r else ""
-        rows.append((name, f"ppl {r['ppl']:.2f}{rel} · {size}{cost} · decode {s['decode_tok_s']:.1f} tok/s "
+        calibration = f" ({r['nsamples']} × 2048 calibration tokens)" if "@" in name else ""
+        rows.append((name + calibration, f"ppl {r['ppl']:.2f}{rel} · {size}{cost} · decode {s['decode_tok_s']:.1f} tok/s "
                            f"({s['decode_speedup']:.2f}× fp32) · prefill 2048 {s['prefill_s']:.2f} s "
                            f"({s['prefill_speedup']:.2f}× fp32)"))
     return rows
@@ -251,12 +250,17 @@ def main() -> None:
     runs = [r for r in RUNS if (r in args.only.split(",") if args.only else r not in PEERS or args.peer_python)]
     path = RESULTS / "quantization_smollm2.json"
     results = {r["name"]: r for r in (json.loads(path.read_text())["runs"] if path.exists() else [])}
+    # A run on another calibration size is kept apart from the protocol's: NAME@NSAMPLES.
+    suffix = "" if args.nsamples == 32 else f"@{args.nsamples}"
     for run in runs:  # written after every run: a long benchmark keeps what it measured
         extra = ["--windows", str(args.windows), "--nsamples", str(args.nsamples)]
         extra += ["--peer-python", args.peer_python] if args.peer_python else []
-        results.update({r["name"]: r for r in run_children(__file__, [run], extra)})
-        write_result("quantization_smollm2", {"windows": args.windows, "nsamples": args.nsamples,
-                                              "runs": [results[n] for n in RUNS if n in results]}, _rows(results))
+        for r in run_children(__file__, [run], extra):
+            r.update(name=r["name"] + suffix, nsamples=args.nsamples)
+            results[r["name"]] = r
+        ordered = [n for base in RUNS for n in results if n.split("@")[0] == base]
+        write_result("quantization_smollm2", {"windows": args.windows, "nsamples": 32,
+                                              "runs": [results[n] for n in ordered]}, _rows(results))
 
 
 if __name__ == "__main__":
