@@ -174,21 +174,25 @@ def _quant_config(args: argparse.Namespace):
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """Quantize weights (RTN, GPTQ, AWQ; int8 or int4) and save a compressed-tensors checkpoint."""
-    from rich.console import Console
-
-    from slimformer.recipes import run_recipe
-
     config = _quant_config(args)
-    summary = run_recipe(_one_step_recipe(args, config, speed=False), args.out, overwrite=args.overwrite,
-                         dtype=args.dtype)
-    result = summary["steps"][0]["result"]
-    found = result["summary"]
-    console = Console()
+    summary, result, found, console = _run_one_step(args, config)
     console.print(f"{result['method']}: {found['quantized_modules']} modules to {found['scheme']} "
                   f"(mean {found['mean_bits']:.2f} bits per quantized weight) in {result['seconds']:.1f} s, "
                   f"peak RSS {result['peak_rss_gib']:.2f} GiB")
     _print_outcome(console, summary, args)
     return 0
+
+
+def _run_one_step(args: argparse.Namespace, config, calib: bool = True):
+    """Run ``config`` as a one-step recipe into ``args.out``: (summary, step result, its summary, console)."""
+    from rich.console import Console
+
+    from slimformer.recipes import run_recipe
+
+    summary = run_recipe(_one_step_recipe(args, config, speed=False, calib=calib), args.out,
+                         overwrite=args.overwrite, dtype=args.dtype)
+    result = summary["steps"][0]["result"]
+    return summary, result, result["summary"], Console()
 
 
 def _recover_config(args: argparse.Namespace):
@@ -217,18 +221,11 @@ def _recover_config(args: argparse.Namespace):
 
 def cmd_recover(args: argparse.Namespace) -> int:
     """Win back quality after compression: fine-tuning, distillation from the original model, LoRA, or both."""
-    from rich.console import Console
-
     from slimformer.data import load_text
-    from slimformer.recipes import run_recipe
 
     config = _recover_config(args)
     load_text(config.data)  # a missing training text fails before any model loads
-    summary = run_recipe(_one_step_recipe(args, config, speed=False, calib=False), args.out,
-                         overwrite=args.overwrite, dtype=args.dtype)
-    result = summary["steps"][0]["result"]
-    found = result["summary"]
-    console = Console()
+    summary, result, found, console = _run_one_step(args, config, calib=False)
     console.print(f"{result['method']}: {found['steps']} of {found['planned_steps']} steps, {found['tokens']:,} tokens "
                   f"at {found['tokens_per_s']:.0f} tokens/s; held-out loss {found['heldout_before']:.3f} → "
                   f"{found['heldout_after']:.3f} (best step {found['best_step']}) in {result['seconds']:.0f} s")
