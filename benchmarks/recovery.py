@@ -62,15 +62,16 @@ def start_model(name: str, store: Path, search_sleb: bool):
     return load_model(str(folder)), info
 
 
-def recovery_config(method: str, tokens: int):
-    """The recovery step of a run (the teacher is the original model)."""
+def recovery_config(method: str, tokens: int, lr: float | None = None):
+    """The recovery step of a run (the teacher is the original model); ``lr`` overrides the method's default."""
     from slimformer.methods import DistillConfig, FinetuneConfig, LoRAConfig
 
+    extra = {"lr": lr} if lr else {}
     if method == "ce":
-        return FinetuneConfig(tokens=tokens)
+        return FinetuneConfig(tokens=tokens, **extra)
     if method == "kd":
-        return DistillConfig(tokens=tokens, teacher="smollm2-135m")
-    return LoRAConfig(tokens=tokens, teacher="smollm2-135m", kd_weight=1.0, ce_weight=0.0)
+        return DistillConfig(tokens=tokens, teacher="smollm2-135m", **extra)
+    return LoRAConfig(tokens=tokens, teacher="smollm2-135m", kd_weight=1.0, ce_weight=0.0, **extra)
 
 
 def hf_loop(steps: int = 12, seqlen: int = 512, batch_size: int = 4) -> dict:
@@ -113,7 +114,7 @@ def one_run(name: str, args) -> dict:
     loaded, info = start_model(start_name, Path(args.store).expanduser(), args.search_sleb)
     out = {"name": name, "start": info}
     if method != "none":
-        config = recovery_config(method, args.tokens)
+        config = recovery_config(method, args.tokens, args.lr)
         ids = tokenize(loaded.tokenizer, load_text(config.data))
         result = apply(loaded.adapter, config, ids)
         out.update(seconds=result.seconds, peak_rss_gib=result.peak_rss_gib, config=result.config,
@@ -139,10 +140,8 @@ def _rows(results: dict[str, dict]) -> list[tuple[str, str]]:
         rows.append(("training throughput, dense, 4 × 512 tokens per step",
                      f"plain transformers loop {r['plain_tokens_per_s']:.0f} tokens/s · slimformer finetune "
                      f"{r['finetune_tokens_per_s']:.0f} tokens/s ({r['finetune_tokens_per_s'] / r['plain_tokens_per_s']:.2f}×)"))
-    for name in RUNS[1:]:
-        r = results.get(name)
-        if r is None:
-            continue
+    for name in [n for base in RUNS[1:] for n in results if n.split("@")[0] == base]:
+        r = results[name]
         start = results.get(name.split(":")[0] + ":none")
         text = f"ppl {r['ppl']:.2f}"
         if start and r is not start:
@@ -169,6 +168,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=None, help="comma-separated run names: " + ", ".join(RUNS))
     parser.add_argument("--tokens", type=int, default=200_000, help="training budget of every recovery run")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate of every recovery run (default: the method's)")
     parser.add_argument("--windows", type=int, default=40)
     parser.add_argument("--tasks", action="store_true", help="also PIQA and ARC-Easy (full sets: ~12 min per model)")
     parser.add_argument("--limit", type=int, default=None, help="examples per task")
@@ -185,10 +185,15 @@ def main() -> None:
     extra = ["--tokens", str(args.tokens), "--windows", str(args.windows), "--store", args.store]
     extra += (["--tasks"] if args.tasks else []) + (["--limit", str(args.limit)] if args.limit else [])
     extra += ["--search-sleb"] if args.search_sleb else []
+    extra += ["--lr", str(args.lr)] if args.lr else []
+    # A run at another learning rate is kept apart from the one at the method's default: NAME@lrLR.
+    suffix = f"@lr{args.lr:g}" if args.lr else ""
     for run in runs:  # written after every run: a long benchmark keeps what it measured
-        results.update({r["name"]: r for r in run_children(__file__, [run], extra)})
+        results.update({r["name"] + suffix: {**r, "name": r["name"] + suffix}
+                        for r in run_children(__file__, [run], extra)})
+        ordered = [n for base in RUNS for n in results if n.split("@")[0] == base]
         write_result("recovery_smollm2", {"tokens": args.tokens, "windows": args.windows,
-                                          "runs": [results[n] for n in RUNS if n in results]}, _rows(results))
+                                          "runs": [results[n] for n in ordered]}, _rows(results))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from slimformer.data import load_text, sample_windows, tokenize
+from slimformer.data import instruction_examples, load_text, sample_windows, tokenize, tokenize_instructions
 from slimformer.errors import SlimformerError
 from slimformer.files import write_json
 from slimformer.records import EvalRecord, StepRecord
@@ -255,6 +255,13 @@ class _Context:
             self._training_ids[source] = tokenize(self.loaded.tokenizer, load_text(source))
         return self._training_ids[source]
 
+    def instruction_ids(self, source: str) -> torch.Tensor:
+        """Instruction examples of ``source`` in the model's chat template, packed: ``(2, L)`` ids and labels."""
+        key = "instructions:" + source
+        if key not in self._training_ids:
+            self._training_ids[key] = tokenize_instructions(self.loaded.tokenizer, instruction_examples(source))
+        return self._training_ids[key]
+
     def test_ids(self) -> torch.Tensor:
         if self._test_ids is None:
             self._test_ids = tokenize(self.loaded.tokenizer, load_text(self.recipe.measure.ppl_source))
@@ -313,7 +320,9 @@ def _run_step(ctx: _Context, index: int, step) -> dict:
                                          batch_size=step.batch_size, progress=ctx.progress) for t in step.tasks}
         out["seconds"] = time.perf_counter() - start
         return out
-    if getattr(step, "train_source", None):  # recovery trains on its own text; its teacher is the model before the recipe
+    if getattr(step, "instruction_source", None):
+        samples = ctx.instruction_ids(step.instruction_source)
+    elif getattr(step, "train_source", None):  # recovery trains on its own text; its teacher is the model before the recipe
         if getattr(step, "needs_teacher", False) and step.teacher is None:
             step = dataclasses.replace(step, teacher=ctx.recipe.model)
         samples = ctx.training_ids(step.train_source)

@@ -11,8 +11,8 @@ import slimformer.recipes as recipes
 from conftest import tiny_model, tiny_tokenizer
 from slimformer import SlimformerError, get_adapter, load_model
 from slimformer.cli import main
-from slimformer.methods import (AWQConfig, DistillConfig, FinetuneConfig, GPTQConfig, LoRAConfig, MagnitudeConfig,
-                                RTNConfig, SLEBConfig, SparseGPTConfig, WandaConfig, apply)
+from slimformer.methods import (AWQConfig, DistillConfig, FinetuneConfig, GPTQConfig, InstructConfig, LoRAConfig,
+                                MagnitudeConfig, RTNConfig, SLEBConfig, SparseGPTConfig, UpcycleConfig, WandaConfig, apply)
 from slimformer.models import LoadedModel
 from slimformer.recipes import STEPS, EvalConfig, Recipe, load_recipe, parse_recipe, run_recipe
 
@@ -27,6 +27,8 @@ EXAMPLES = {
     "rtn": RTNConfig(bits=8, mse=True, head=True, embedding=True),
     "gptq": GPTQConfig(bits=4, group_size=16, act_order=True, ignore=("re:.*down_proj",), percdamp=0.05),
     "awq": AWQConfig(bits=4, group_size=-1, symmetric=False, then="gptq", grid=10, clip=False),
+    "pesc": UpcycleConfig(experts=4, top_k=1, adapter_dim=16, layers=(0, 2), aux_loss=0.02, z_loss=0.001),
+    "instruct": InstructConfig(data="self-instruct", tokens=5000, lora_rank=8, aux_loss=0.0, schedule="cosine"),
     "eval": EvalConfig(ppl="wikitext2:valid", windows=3, tasks=("piqa", "boolq"), limit=5),
 }
 

@@ -256,3 +256,29 @@ def add_recover_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 test perplexity before/after on N windows")
     p.add_argument("--out", required=True, help="folder for the recovered model (stock transformers loads it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def add_upcycle_parser(sub, helps: dict[str, str]) -> None:
+    """``upcycle``: a dense decoder into a mixture of adapter experts (PESC), optionally instruction-tuned."""
+    p = sub.add_parser("upcycle", help=helps["upcycle"])
+    add_model_args(p)
+    p.add_argument("--experts", type=int, default=8, help="adapter experts per upcycled FFN")
+    p.add_argument("--top-k", type=int, default=2, help="experts each token is routed to")
+    p.add_argument("--adapter-dim", type=int, default=None, help="adapter width (default: hidden size / 8)")
+    p.add_argument("--layers", type=int, nargs="*", default=None, help="block indices to upcycle (default: all)")
+    p.add_argument("--aux-loss", type=float, default=0.01, help="weight of the load-balancing loss in training")
+    p.add_argument("--z-loss", type=float, default=0.0, help="weight of the router z-loss in training")
+    p.add_argument("--instruct-tokens", type=token_count, default=0,
+                   help="instruction-tune for this many tokens after upcycling (0: upcycle only)")
+    p.add_argument("--data", default="alpaca", help="instruction data: alpaca[:PATH], self-instruct[:PATH]")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank on the projections while tuning (0: all weights)")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    add_bos_arg(p)
+    p.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 test perplexity before/after on N windows")
+    p.add_argument("--export-remote-code", action="store_true",
+                   help="also write the modeling file and auto_map, for stock transformers with trust_remote_code=True")
+    p.add_argument("--out", required=True, help="folder for the PESC model (slimformer.load_model loads it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -183,13 +183,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_one_step(args: argparse.Namespace, config, calib: bool = True):
-    """Run ``config`` as a one-step recipe into ``args.out``: (summary, step result, its summary, console)."""
+def _run_one_step(args: argparse.Namespace, config, *more, calib: bool = True):
+    """Run ``config`` (and ``more`` steps) as a recipe into ``args.out``: (summary, first step's result, its summary, console)."""
     from rich.console import Console
 
     from slimformer.recipes import run_recipe
 
-    summary = run_recipe(_one_step_recipe(args, config, speed=False, calib=calib), args.out,
+    summary = run_recipe(_one_step_recipe(args, config, *more, speed=False, calib=calib), args.out,
                          overwrite=args.overwrite, dtype=args.dtype)
     result = summary["steps"][0]["result"]
     return summary, result, result["summary"], Console()
@@ -232,6 +232,33 @@ def cmd_recover(args: argparse.Namespace) -> int:
     if "teacher_cache_bytes" in found:
         console.print(f"teacher cache: {found['teacher_cache_bytes'] / 2**20:.1f} MiB "
                       f"({found['teacher_cache_bytes_per_token']:.0f} bytes/token), {found['teacher_cache_seconds']:.0f} s")
+    _print_outcome(console, summary, args)
+    return 0
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    """Upcycle a dense decoder into a mixture of adapter experts (PESC), optionally instruction-tune it, and save it."""
+    from slimformer.data import instruction_examples
+    from slimformer.methods import InstructConfig, UpcycleConfig
+    from slimformer.models.moe import export_remote_code
+
+    config = UpcycleConfig(experts=args.experts, top_k=args.top_k, adapter_dim=args.adapter_dim, layers=args.layers,
+                           aux_loss=args.aux_loss, z_loss=args.z_loss, seed=args.seed)
+    tune = (InstructConfig(data=args.data, tokens=args.instruct_tokens, lora_rank=args.lora_rank, lr=args.lr,
+                           seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed, device=args.device),) \
+        if args.instruct_tokens else ()
+    if tune:
+        instruction_examples(args.data)  # missing instruction data fails before any model loads
+    summary, result, found, console = _run_one_step(args, config, *tune, calib=False)
+    console.print(f"pesc: {found['upcycled_blocks']} blocks × {found['experts']} experts (top-{found['top_k']}, adapter "
+                  f"width {found['adapter_dim']}): {found['params']:,} parameters, {found['activated_params']:,} "
+                  f"activated per token (dense {found['dense_params']:,})")
+    if tune:
+        t = summary["steps"][1]["result"]["summary"]
+        console.print(f"instruct: {t['steps']} steps, {t['tokens']:,} tokens at {t['tokens_per_s']:.0f} tokens/s; "
+                      f"held-out response loss {t['heldout_before']:.3f} → {t['heldout_after']:.3f}")
+    if args.export_remote_code:
+        export_remote_code(args.out)
     _print_outcome(console, summary, args)
     return 0
 

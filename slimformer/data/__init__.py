@@ -10,3 +10,7 @@ __all__ += ["GLUE_TASKS", "GlueExample", "TaskInfo", "glue_task", "load_glue"]
 from slimformer.data.tasks import TASKS, TASKS_HELP, LMExample, MCExample, PartialExample, load_task
 
 __all__ += ["TASKS", "TASKS_HELP", "LMExample", "MCExample", "PartialExample", "load_task"]
+from slimformer.data.instructions import (IGNORE, INSTRUCTION_SOURCES_HELP, InstructionExample, instruction_examples,
+                                          tokenize_instructions)
+
+__all__ += ["IGNORE", "INSTRUCTION_SOURCES_HELP", "InstructionExample", "instruction_examples", "tokenize_instructions"]

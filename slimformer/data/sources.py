@@ -104,12 +104,10 @@ def _read_jsonl(path: Path, field: str) -> str:
 _ALPACA = "instruct/alpaca/alpaca_5000.pr152-unverified.json"
 
 
-def alpaca_records(path: Path | None = None) -> list[str]:
-    """Instruction records of an Alpaca-format JSON list (instruction, input, output), one text each.
+def read_alpaca(path: Path | None = None) -> list[dict]:
+    """The records of an Alpaca-format JSON list (instruction, input, output); default the data directory's 5,000.
 
-    Without ``path``, the 5,000-record Alpaca subset of the data directory (CC BY-NC 4.0: the
-    Alpaca data's own licence, non-commercial). A record is its instruction, its input when it has
-    one, and its output, on separate lines, as plain text a causal LM can train on.
+    That subset carries the Alpaca data's own licence (CC BY-NC 4.0, non-commercial).
     """
     path = path or (data_dir(required=True) / _ALPACA)
     if not path.is_file():
@@ -118,9 +116,15 @@ def alpaca_records(path: Path | None = None) -> list[str]:
         rows = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise SlimformerError(f"{path}: not valid JSON ({e.msg})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("output"), str) for r in rows):
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("output"), str)
+                                             and isinstance(r.get("instruction", ""), str) for r in rows):
         raise SlimformerError(f"{path}: not a JSON list of instruction/input/output records")
-    return ["\n".join(r[k] for k in ("instruction", "input", "output") if r.get(k)) for r in rows]
+    return rows
+
+
+def alpaca_records(path: Path | None = None) -> list[str]:
+    """Alpaca records as plain text a causal LM can train on: instruction, input (when there is one) and output on separate lines."""
+    return ["\n".join(r[k] for k in ("instruction", "input", "output") if r.get(k)) for r in read_alpaca(path)]
 
 
 def load_text(source: str) -> str:

@@ -2,6 +2,7 @@
 
 from slimformer.methods.base import METHODS, MethodResult, apply, config_dict, select_linears
 from slimformer.methods.blocks import SLEBConfig
+from slimformer.methods.pesc import InstructConfig, UpcycleConfig
 from slimformer.methods.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from slimformer.methods.quantization import AWQConfig, GPTQConfig, RTNConfig
 from slimformer.methods.recovery import DistillConfig, FinetuneConfig, LoRAConfig
@@ -10,6 +11,7 @@ __all__ = [
     "AWQConfig",
     "DistillConfig",
     "GPTQConfig",
+    "InstructConfig",
     "LoRAConfig",
     "METHODS",
     "RTNConfig",
@@ -18,6 +20,7 @@ __all__ = [
     "MethodResult",
     "SLEBConfig",
     "SparseGPTConfig",
+    "UpcycleConfig",
     "WandaConfig",
     "apply",
     "config_dict",

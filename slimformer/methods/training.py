@@ -36,6 +36,9 @@ from slimformer.models.quantized import dequantize_model, install, quantized_mod
 from slimformer.models.quantizer import QuantizedWeight, quantize
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 @dataclass(frozen=True)
 class TrainingFields:
     """Fields of every recovery method: the training text and budget, the optimiser, held-out scoring, LoRA.
@@ -44,7 +47,9 @@ class TrainingFields:
     evaluation text; ``tokens`` the training budget (``steps``, when given, overrides it). A budget
     that needs more than ``max_epochs`` passes over the training windows is refused. ``heldout``
     windows are set aside and scored every ``eval_every`` steps; training stops after
-    ``patience`` scores without improvement (0: never) and the best step is kept. ``lora_rank``
+    ``patience`` scores without improvement (0: never) and the best step is kept. The learning rate
+    warms up linearly over the ``warmup`` fraction of the steps, then follows ``schedule``
+    (``cosine`` decay to zero, or ``constant``). ``lora_rank``
     > 0 trains LoRA adapters (``peft``) on ``lora_targets`` (projection roles such as ``q``,
     ``down``; empty: all of them) instead of every weight. ``masked_merge`` keeps a sparse
     model's zeros when the adapters are merged. ``checkpointing`` recomputes block activations
@@ -58,6 +63,7 @@ class TrainingFields:
     batch_size: int = 4
     lr: float = 5e-5
     warmup: float = 0.05
+    schedule: str = "cosine"
     weight_decay: float = 0.0
     heldout: int = 16
     eval_every: int = 10
@@ -84,6 +90,8 @@ class TrainingFields:
             raise SlimformerError(f"steps must be at least 1, not {self.steps}")
         if self.lr <= 0:
             raise SlimformerError(f"learning rate must be positive, not {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise SlimformerError(f"unknown schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
         if not 0 <= self.warmup < 1:
             raise SlimformerError(f"warmup is a fraction of the steps in [0, 1), not {self.warmup}")
         if self.heldout < 0 or self.patience < 0 or self.lora_rank < 0:
@@ -103,8 +111,11 @@ def split_windows(ids: torch.Tensor, config: TrainingFields, what: str = "the tr
 
     The held-out windows are the last ``config.heldout`` of the shuffle and never trained on.
     Refuses a budget that needs more than ``config.max_epochs`` passes over the training windows.
+    Token ids ``(R, L)`` with aligned rows (ids and labels) give windows ``(n, R, seqlen)``.
     """
-    windows = cut_windows(ids.reshape(1, -1), config.seqlen)
+    rows = ids.reshape(-1, ids.shape[-1])
+    windows = torch.stack([cut_windows(row[None], config.seqlen) for row in rows], 1)
+    windows = windows[:, 0] if ids.dim() == 1 or ids.shape[0] == 1 else windows
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(config.seed))
     windows = windows[order]
     if windows.shape[0] < config.heldout + config.batch_size:
@@ -115,9 +126,9 @@ def split_windows(ids: torch.Tensor, config: TrainingFields, what: str = "the tr
     if needed > config.max_epochs * train.shape[0]:
         raise SlimformerError(
             f"a budget of {needed * config.seqlen:,} tokens is {needed / train.shape[0]:.1f} passes over the "
-            f"{train.numel():,} training tokens of {what} ({train.shape[0]} windows of {config.seqlen}); training "
-            f"that long on so little text memorises it: give a larger text, fewer tokens, or max_epochs ≥ "
-            f"{math.ceil(needed / train.shape[0])}")
+            f"{train.shape[0] * config.seqlen:,} training tokens of {what} ({train.shape[0]} windows of "
+            f"{config.seqlen}); training that long on so little text memorises it: give a larger text, fewer "
+            f"tokens, or max_epochs ≥ {math.ceil(needed / train.shape[0])}")
     return train, heldout
 
 
@@ -207,34 +218,40 @@ class Trainer:
 
     @torch.no_grad()
     def heldout_loss(self) -> float | None:
-        """Mean next-token loss (nats) on the held-out windows; None without any."""
+        """Mean next-token loss (nats) on the held-out windows (on their labelled tokens, for ``(n, 2, T)`` ids and labels); None without any."""
         if not self.heldout.shape[0]:
             return None
         model = self.adapter.model
         was_training = model.training
         model.eval()
-        total = 0.0
+        total, count = 0.0, 0
         for window in self.heldout.split(self.config.batch_size):
             window = window.to(self.config.device)
-            hidden = self.adapter.base(input_ids=window, use_cache=False).last_hidden_state
-            total += float(next_token_nll(self.adapter, hidden, window).sum())
+            ids, labels = (window[:, 0], window[:, 1]) if window.dim() == 3 else (window, window)
+            hidden = self.adapter.base(input_ids=ids, use_cache=False).last_hidden_state
+            total += float(next_token_nll(self.adapter, hidden, labels).sum())
+            count += int((labels[:, 1:] >= 0).sum())
         model.train(was_training)
-        return total / (self.heldout.shape[0] * (self.heldout.shape[1] - 1))
+        return total / count
 
     def run(self, batches: list[torch.Tensor], step_loss: Callable[[int, torch.Tensor], torch.Tensor],
             desc: str = "train") -> dict[str, Any]:
         """Train on ``batches`` in order; ``step_loss(i, batch)`` is batch ``i``'s loss. Keeps the best held-out step.
 
+        A batch is ``(B, T)`` token ids, or ``(B, 2, T)`` ids and labels for a loss on labelled tokens only.
+
         Returns the figures of the run: steps, tokens, training tokens/s (evaluation excluded),
         the held-out loss before and at the best step, and the history of both losses. The best
         step may be step 0: then the model is left as it came.
         """
-        from transformers import get_cosine_schedule_with_warmup
+        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
         c, model = self.config, self.adapter.model
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         optimizer = torch.optim.AdamW(list(named.values()), lr=c.lr, weight_decay=c.weight_decay)
-        schedule = get_cosine_schedule_with_warmup(optimizer, int(c.warmup * len(batches)), len(batches))
+        warmup = int(c.warmup * len(batches))
+        schedule = get_constant_schedule_with_warmup(optimizer, warmup) if c.schedule == "constant" else \
+            get_cosine_schedule_with_warmup(optimizer, warmup, len(batches))
         best = first = self.heldout_loss()
         keep = first is not None
         best_step, waited, stopped_early = 0, 0, False
@@ -253,7 +270,7 @@ class Trainer:
                 optimizer.zero_grad(set_to_none=True)
                 self.after_step()
                 train_s += time.perf_counter() - start
-                tokens += batch.numel()
+                tokens += batch.shape[0] * batch.shape[-1]  # a batch of (ids, labels) pairs counts its ids
                 losses.append(loss.item())
                 bar.update(1)
                 if step % c.eval_every and step != len(batches):
@@ -284,8 +301,12 @@ class Trainer:
                 "history": self.history}
 
 
-def training_session(adapter: Adapter, config: TrainingFields, heldout: torch.Tensor, progress: bool = True):
+def training_session(adapter: Adapter, config: TrainingFields, heldout: torch.Tensor, progress: bool = True,
+                     train_in_full: Callable[[str], bool] | None = None):
     """A :class:`Trainer` over the model made ready for ``config``: LoRA or full training, masks, quantized bases.
+
+    With LoRA, the parameters whose names ``train_in_full`` accepts (a PESC model's experts and
+    routers) are trained in full beside the adapters.
 
     Returns ``(trainer, finish)``; ``finish()`` merges LoRA (masked where weights are pruned),
     puts quantized weights back on their grids, and returns what that did with the held-out
@@ -300,6 +321,9 @@ def training_session(adapter: Adapter, config: TrainingFields, heldout: torch.Te
     handles, peft_model, after_step = [], None, None
     if config.lora_rank:
         peft_model = _attach_lora(adapter, config)
+        for name, p in model.named_parameters():
+            if train_in_full is not None and train_in_full(name):
+                p.requires_grad_(True)
     else:
         for p in model.parameters():
             p.requires_grad_(True)

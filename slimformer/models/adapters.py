@@ -275,6 +275,8 @@ class Adapter:
 def next_token_nll(adapter: Adapter, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 512) -> torch.Tensor:
     """Summed NLL of ``ids[:, 1:]`` given final hidden states ``hidden`` (``(B, T, H)``, after the final norm).
 
+    Negative ids (labels of tokens not scored, such as an instruction's prompt) are left out of the sum.
+
     The one next-token loss loop of perplexity, block removal and search: the head runs on
     ``chunk`` rows at a time, so the ``(T, vocabulary)`` float32 logits of a whole window (2 GiB
     for a 262,144-token vocabulary at 2048 tokens) never exist at once. Returns ``(B,)`` float64.
@@ -285,11 +287,17 @@ def next_token_nll(adapter: Adapter, hidden: torch.Tensor, ids: torch.Tensor, ch
         h, target = hidden[b, :-1].to(device), ids[b, 1:].to(device)
         for a in range(0, h.shape[0], chunk):
             logits = adapter.logits(h[a : a + chunk]).float()
-            picked = logits.gather(1, target[a : a + chunk, None])[:, 0]
-            sums[b] += (torch.logsumexp(logits, -1) - picked).double().sum()
+            t = target[a : a + chunk]
+            picked = logits.gather(1, t.clamp_min(0)[:, None])[:, 0]
+            sums[b] += ((torch.logsumexp(logits, -1) - picked) * (t >= 0)).double().sum()
     return sums.cpu()  # one device sync, not one per chunk
+
+
+def config_family(config) -> Family:
+    """The family of a config: its ``model_type``'s, or for a model upcycled from a dense one (PESC) the dense model's."""
+    return family_for(getattr(config, "dense_model_type", None) or config.model_type)
 
 
 def get_adapter(model: PreTrainedModel) -> Adapter:
     """The adapter for a loaded Hugging Face model, chosen by ``config.model_type``."""
-    return Adapter(model, family_for(model.config.model_type))
+    return Adapter(model, config_family(model.config))

@@ -34,7 +34,8 @@ from transformers import (
 from slimformer.errors import SlimformerError
 from slimformer.models import quant_storage, sparse_storage
 from slimformer.models.quantized import is_quantized
-from slimformer.models.adapters import BOS_MODES, Adapter, family_for, get_adapter
+from slimformer.models import moe  # noqa: F401  (registers the PESC model class with the Auto classes)
+from slimformer.models.adapters import BOS_MODES, Adapter, config_family, get_adapter
 from slimformer.models.surgery import reshape_blocks
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,22 @@ def window_bos(tokenizer, adapter: Adapter, mode: str = "auto") -> int | None:
     return added_bos(tokenizer) if mode == "every" else None
 
 
-@dataclass
 class LoadedModel:
-    """A model with its tokenizer and adapter, and where it came from."""
+    """A model with its tokenizer and adapter, and where it came from.
 
-    model: PreTrainedModel
-    tokenizer: object
-    adapter: Adapter
-    source: str
+    ``model`` is the adapter's model: a step that replaces the model (PESC upcycling) replaces it
+    in the adapter, and every holder of the ``LoadedModel`` sees the new one.
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer, adapter: Adapter, source: str):
+        if adapter.model is not model:
+            raise ValueError("the adapter must wrap the model")
+        self.tokenizer, self.adapter, self.source = tokenizer, adapter, source
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The model as it is now."""
+        return self.adapter.model
 
     def window_bos(self, mode: str = "auto") -> int | None:
         """The token every perplexity window and calibration sample starts with (see :func:`window_bos`)."""
@@ -211,7 +220,7 @@ def load_model(
         config = AutoConfig.from_pretrained(source, **common)
     except OSError as e:
         raise SlimformerError(f"cannot load model config from '{spec}': {str(e).splitlines()[0]}") from None
-    family = family_for(config.model_type)
+    family = config_family(config)
     cls = _model_class(head, family.kind)
     if isinstance(source, Path):
         check_safetensors(source)

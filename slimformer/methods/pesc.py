@@ -1,0 +1,184 @@
+"""Sparsity crafting (PESC, Wu et al., 2024): upcycle a dense decoder into a mixture of adapter experts, and instruction-tune it.
+
+Two recipe steps:
+
+- ``pesc`` turns every chosen block's FFN into a mixture of adapter experts that computes the
+  same function as before (see :mod:`slimformer.models.pesc_modeling`);
+- ``instruct`` tunes a model on instruction data, with the loss on response tokens only: LoRA
+  (``peft``) on the attention and FFN projections, and on a PESC model the experts' adapters
+  and the routers trained in full, with the load-balancing loss. The defaults follow the
+  paper's schedule (constant learning rate 2e-4 after a 3% warm-up, no weight decay). The same
+  step on the dense model is the paper's "Camel" baseline; on the PESC model, "Camelidae".
+
+A model quantized by slimformer trains over its dequantized weights, which go back onto their
+own grids at the end (see :mod:`slimformer.methods.training`), as every recovery step does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from slimformer.errors import SlimformerError
+from slimformer.methods.base import MethodResult, config_dict, register
+from slimformer.methods.distill_math import chunked_head_loss, next_token_ce
+from slimformer.methods.training import TrainingFields, split_windows, training_session
+from slimformer.models.adapters import Adapter
+from slimformer.models.moe import is_pesc, pesc_layers, router_losses, routing_shares, upcycle
+
+
+@dataclass(frozen=True)
+class UpcycleConfig:
+    """PESC upcycling: every chosen block's FFN gets ``experts`` adapter experts and a top-``top_k`` router.
+
+    ``adapter_dim`` defaults to hidden / 8 (the paper: 512 on a hidden size of 4096); ``layers``
+    (block indices) to every block. ``aux_loss`` and ``z_loss`` are stored in the model's config
+    and used when it is trained. YAML: ``{method: pesc, experts: 8, top_k: 2, adapter_dim: 72}``
+    """
+
+    method: ClassVar[str] = "pesc"
+    needs_samples: ClassVar[bool] = False
+    experts: int = 8
+    top_k: int = 2
+    adapter_dim: int | None = None
+    layers: tuple[int, ...] | None = None
+    adapter_act: str = "silu"
+    aux_loss: float = 0.01
+    z_loss: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        from transformers.activations import ACT2FN
+
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.experts < 1 or not 1 <= self.top_k <= self.experts:
+            raise SlimformerError(f"top_k must be between 1 and the number of experts ({self.experts}), not {self.top_k}")
+        if self.adapter_dim is not None and self.adapter_dim < 1:
+            raise SlimformerError(f"adapter width must be at least 1, not {self.adapter_dim}")
+        if self.aux_loss < 0 or self.z_loss < 0:
+            raise SlimformerError("aux_loss and z_loss cannot be negative")
+        if self.adapter_act not in ACT2FN:
+            raise SlimformerError(f"unknown adapter activation '{self.adapter_act}'")
+
+
+@register(UpcycleConfig)
+def apply_upcycle(adapter: Adapter, config: UpcycleConfig, samples: torch.Tensor | None) -> MethodResult:
+    """Replace the adapter's model by its PESC upcycling (same function until trained)."""
+    dense = sum(p.numel() for p in adapter.model.parameters())
+    model = upcycle(adapter.model, experts=config.experts, top_k=config.top_k, adapter_dim=config.adapter_dim,
+                    layers=list(config.layers) if config.layers is not None else None, adapter_act=config.adapter_act,
+                    aux_loss=config.aux_loss, z_loss=config.z_loss, seed=config.seed)
+    adapter.model = model
+    counts = model.parameter_counts()
+    return MethodResult(config.method, config_dict(config), summary={
+        "dense_params": dense, "params": counts["total"], "activated_params": counts["activated"],
+        "upcycled_blocks": len(pesc_layers(model)), "experts": config.experts, "top_k": config.top_k,
+        "adapter_dim": model.config.adapter_dim})
+
+
+@dataclass(frozen=True)
+class InstructConfig(TrainingFields):
+    """Instruction tuning with the loss on responses only; LoRA on the projections, a PESC model's experts and routers in full.
+
+    ``data`` is an instruction source (``alpaca[:PATH]``, ``self-instruct[:PATH]``), formatted
+    with the tokenizer's chat template and packed into windows of ``seqlen``. ``aux_loss``
+    overrides the PESC model's own balancing-loss weight (0 turns it off); ``z_loss`` likewise.
+    ``lora_rank: 0`` trains every weight instead of LoRA.
+    YAML: ``{method: instruct, data: alpaca, tokens: 200000, lora_rank: 16}``
+    """
+
+    method: ClassVar[str] = "instruct"
+    data: str = "alpaca"
+    lr: float = 2e-4
+    warmup: float = 0.03
+    schedule: str = "constant"
+    lora_rank: int = 16
+    heldout: int = 8
+    aux_loss: float | None = None
+    z_loss: float | None = None
+
+    def __post_init__(self):
+        self.check_training()
+        if (self.aux_loss is not None and self.aux_loss < 0) or (self.z_loss is not None and self.z_loss < 0):
+            raise SlimformerError("aux_loss and z_loss cannot be negative")
+
+    @property
+    def instruction_source(self) -> str:
+        """The instruction data a recipe tokenises with the model's chat template and hands to this step."""
+        return self.data
+
+
+def _in_full(name: str) -> bool:
+    """Whether a parameter is a PESC expert adapter or router (trained in full beside LoRA)."""
+    return ".experts." in name or ".router." in name
+
+
+def routing_entropy(shares: dict[str, list[float]]) -> dict[str, float]:
+    """Per block, the entropy (nats) of the share of routing slots each expert got; ln(n) is perfectly balanced."""
+    out = {}
+    for name, share in shares.items():
+        p = torch.tensor(share, dtype=torch.float64)
+        out[name] = float(-(p[p > 0] * p[p > 0].log()).sum())
+    return out
+
+
+@torch.no_grad()
+def heldout_routing(adapter: Adapter, windows: torch.Tensor, batch_size: int = 4) -> dict[str, list[float]]:
+    """Per upcycled block, the share of the routing slots each expert got over ``windows`` ``(n, T)``."""
+    counts: dict[str, torch.Tensor] = {}
+    for batch in windows.split(batch_size):
+        adapter.base(input_ids=batch, use_cache=False)
+        for name, share in routing_shares(adapter.model).items():
+            counts[name] = counts.get(name, 0) + torch.tensor(share, dtype=torch.float64) * batch.numel()
+    return {name: (c / c.sum()).tolist() for name, c in counts.items()}
+
+
+@register(InstructConfig)
+def instruct(adapter: Adapter, config: InstructConfig, samples: torch.Tensor | None, progress: bool = True) -> MethodResult:
+    """Tune on packed instruction windows ``samples`` ``(2, L)`` (token ids and labels), keeping the best held-out step."""
+    if samples is None or samples.dim() != 2 or samples.shape[0] != 2:
+        raise SlimformerError("instruct needs instruction data tokenised as (ids, labels); run it in a recipe or "
+                              "pass slimformer.data.tokenize_instructions(...)")
+    if adapter.family.kind != "decoder":
+        raise SlimformerError(f"instruct trains a causal LM; {adapter.family.name} is an encoder")
+    train, heldout = split_windows(samples, config, f"'{config.data}'")
+    steps = config.planned_steps()
+    order = torch.arange(steps * config.batch_size) % train.shape[0]
+    batches = [train[p] for p in order.split(config.batch_size)]
+    pesc = is_pesc(adapter.model)
+    aux_weight = (adapter.model.config.router_aux_loss_coef if config.aux_loss is None else config.aux_loss) if pesc else 0.0
+    z_weight = (adapter.model.config.router_z_loss_coef if config.z_loss is None else config.z_loss) if pesc else 0.0
+    trainer, finish = training_session(adapter, config, heldout, progress, train_in_full=_in_full if pesc else None)
+    head_params = list(adapter.head.parameters())
+    aux_history: list[float] = []
+
+    def step_loss(i: int, batch: torch.Tensor) -> torch.Tensor:
+        ids, labels = batch[:, 0], batch[:, 1]
+        hidden = adapter.base(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+        targets = labels[:, 1:].reshape(-1)
+        scored = int((targets >= 0).sum())
+        h = hidden.reshape(-1, hidden.shape[-1])
+        loss = chunked_head_loss(h, adapter.logits, next_token_ce(targets), head_params) / max(scored, 1)
+        aux, z = router_losses(adapter.model)
+        if aux is not None:
+            aux_history.append(float(aux.detach()))
+            loss = loss + aux_weight * aux + z_weight * z
+        return loss
+
+    summary: dict[str, Any] = {"train_windows": int(train.shape[0]), "heldout_windows": int(heldout.shape[0]),
+                               "pesc": pesc, "aux_loss": aux_weight, "z_loss": z_weight,
+                               "trainable_params": sum(p.numel() for p in adapter.model.parameters() if p.requires_grad)}
+    try:
+        summary.update(trainer.run(batches, step_loss, desc=config.method))
+    finally:
+        summary.update(finish())
+    summary["heldout_after"] = summary.get("heldout_requantized", summary.get("heldout_merged", summary["heldout_best"]))
+    if aux_history:
+        summary["balancing_loss_first"], summary["balancing_loss_last"] = aux_history[0], aux_history[-1]
+        shares = heldout_routing(adapter, heldout[:, 0], config.batch_size)
+        summary["routing_shares"] = shares
+        summary["routing_entropy"] = routing_entropy(shares)
+    return MethodResult(config.method, config_dict(config), summary=summary)

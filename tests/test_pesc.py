@@ -1,0 +1,242 @@
+"""PESC: upcycling is exact, the balancing loss is the Switch loss and moves the router, experts are grouped right, and the model loads again."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import assert_close_scaled, random_ids, tiny_model, tiny_tokenizer
+from slimformer import load_model, save_model
+from slimformer.cli import main
+from slimformer.data import IGNORE, InstructionExample, tokenize_instructions
+from slimformer.errors import SlimformerError
+from slimformer.methods import InstructConfig, UpcycleConfig, apply
+from slimformer.models import get_adapter
+from slimformer.models.moe import export_remote_code, pesc_layers, upcycle
+from slimformer.models.pesc_modeling import PescExperts, balancing_loss
+
+GATED = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"]
+
+
+def _trained(model, seed: int = 1):
+    """``model`` with random adapter ``up`` weights, so the experts change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mlp in pesc_layers(model).values():
+            mlp.experts.up.copy_(torch.randn(mlp.experts.up.shape, generator=g) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", GATED)
+def test_upcycled_model_computes_the_dense_function(family):
+    dense = tiny_model(family)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        expected = dense(ids).logits
+        model = upcycle(dense, experts=4, top_k=2, adapter_dim=8)
+        got = model(ids).logits
+    assert type(model).__name__ == "PescForCausalLM" and len(pesc_layers(model)) == 3
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    prompt = ids[:1, :4]  # generation with the KV cache goes the same way
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False),
+                       dense.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+def test_only_chosen_blocks_are_upcycled_and_counts_follow():
+    model = upcycle(tiny_model("llama"), experts=4, top_k=1, adapter_dim=8, layers=[1])
+    assert list(pesc_layers(model)) == ["model.layers.1.mlp"]
+    counts = model.parameter_counts()
+    per_expert = 2 * 8 * 32  # down (8 × 32) + up (32 × 8)
+    assert counts["total"] - counts["activated"] == (4 - 1) * per_expert
+
+
+def test_experts_grouped_by_expert_equal_a_per_token_loop():
+    torch.manual_seed(0)
+    experts = PescExperts(hidden=16, experts=5, width=4, act="silu")
+    torch.nn.init.normal_(experts.down)
+    torch.nn.init.normal_(experts.up)
+    f = torch.randn(37, 16)
+    chosen = torch.stack([torch.randperm(5)[:2] for _ in range(37)])
+    chosen[:10] = torch.tensor([3, 1])  # an expert that many tokens share, and expert 4 on few
+    gates = torch.rand(37, 2).softmax(-1)
+    slow = torch.zeros_like(f)
+    for t in range(37):
+        for j in range(2):
+            e = chosen[t, j]
+            slow[t] += gates[t, j] * (experts.up[e] @ torch.nn.functional.silu(experts.down[e] @ f[t]))
+    assert_close_scaled(experts(f, chosen, gates), slow)
+
+
+def test_balancing_loss_is_the_switch_loss_and_one_when_uniform():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 4)
+    chosen = logits.topk(2, -1).indices
+    share = torch.tensor([(chosen == i).sum().item() for i in range(4)]) / chosen.numel()
+    direct = 4 * sum(share[i] * logits.softmax(-1)[:, i].mean() for i in range(4))
+    torch.testing.assert_close(balancing_loss(logits, chosen), direct)
+    uniform = torch.zeros(8, 4)
+    uniform_choice = torch.arange(16).reshape(8, 2) % 4  # every expert chosen equally often
+    assert balancing_loss(uniform, uniform_choice).item() == pytest.approx(1.0)
+    assert balancing_loss(logits, chosen).item() > 1.0  # any imbalance costs more
+
+
+def test_balancing_loss_gives_the_router_a_gradient_towards_balance():
+    torch.manual_seed(0)
+    x = torch.randn(64, 8)
+    router = torch.zeros(4, 8, requires_grad=True)
+    with torch.no_grad():
+        router[0] += x.mean(0) * 4  # expert 0 wins most tokens
+    logits = x @ router.t()
+    chosen = logits.topk(2, -1).indices
+    balancing_loss(logits, chosen).backward()
+    assert router.grad.abs().sum() > 0
+    with torch.no_grad():  # one step down the gradient gives expert 0 less probability
+        after = (x @ (router - 0.5 * router.grad).t()).softmax(-1)[:, 0].mean()
+    assert after < logits.softmax(-1)[:, 0].mean()
+    # The reference's version softmaxes only the chosen logits and averages them: constant 1/k, no gradient.
+    router.grad = None
+    logits = x @ router.t()
+    reference = logits.topk(2, -1).values.softmax(-1).mean()
+    reference.backward()
+    assert reference.item() == pytest.approx(0.5) and router.grad.abs().max() < 1e-7
+
+
+def test_save_load_round_trip_and_remote_code(tmp_path):
+    model = _trained(upcycle(tiny_model("qwen2"), experts=4, top_k=2, adapter_dim=8, z_loss=0.001))
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        expected = model(ids).logits
+    path = save_model(model, tiny_tokenizer(), tmp_path / "pesc")
+    loaded = load_model(str(path))
+    assert type(loaded.model).__name__ == "PescForCausalLM" and loaded.adapter.family.name == "qwen2"
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, expected)
+    export_remote_code(path)
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "slimformer_pesc" and "AutoModelForCausalLM" in config["auto_map"]
+    # stock transformers, without slimformer imported, loads it through the exported modeling file
+    code = (f"import sys, torch; from transformers import AutoModelForCausalLM\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True).eval()\n"
+            f"assert 'slimformer' not in sys.modules, 'slimformer was imported'\n"
+            f"ids = torch.tensor({ids.tolist()})\n"
+            f"print(type(m).__name__, repr(m(ids).logits.flatten().tolist()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
+    assert out[0] == "PescForCausalLM"
+    assert torch.equal(torch.tensor(eval(out[1])).reshape(expected.shape), expected)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(experts=2, top_k=3), "top_k must be between 1 and the number of experts (2), not 3"),
+    (dict(adapter_dim=0), "adapter width must be at least 1, not 0"),
+    (dict(layers=[5]), "layers must be block indices in [0, 3)"),
+])
+def test_bad_upcycling_settings_are_refused(kwargs, message):
+    with pytest.raises(SlimformerError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        upcycle(tiny_model("llama"), **kwargs)
+
+
+def test_a_family_without_gated_ffn_is_refused():
+    with pytest.raises(SlimformerError, match="PESC upcycles gated FFNs"):
+        upcycle(tiny_model("gpt2"))
+
+
+def _examples(n: int, seed: int = 0) -> list[InstructionExample]:
+    """Random instructions of words w1..w59, each answered by one fixed sentence: a pattern LoRA learns in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    return [InstructionExample(" ".join(f"w{w}" for w in torch.randint(1, 60, (6,), generator=g).tolist()), "",
+                               "w70 w71 w72 w73 w74 w75") for _ in range(n)]
+
+
+def test_instruction_labels_cover_the_response_only():
+    tok = tiny_tokenizer()
+    example = InstructionExample("w5 w6", "w7", "w70 w71 w72")
+    ids, labels = tokenize_instructions(tok, [example, example])
+    assert ids.shape == labels.shape
+    half = ids.shape[0] // 2
+    scored = ids[:half][labels[:half] != IGNORE].tolist()
+    assert scored[:3] == [70, 71, 72] and labels[:half][ids[:half] == 5].tolist() == [IGNORE]
+    assert torch.equal(ids[:half], ids[half:])  # packed one after another
+
+
+def test_instruct_trains_experts_in_full_and_lora_merged():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    apply(adapter, UpcycleConfig(experts=4, top_k=2, adapter_dim=8), None)
+    assert type(adapter.model).__name__ == "PescForCausalLM"
+    samples = tokenize_instructions(tiny_tokenizer(), _examples(400))
+    result = apply(adapter, InstructConfig(tokens=6000, seqlen=32, batch_size=4, heldout=8, eval_every=10,
+                                           lr=1e-2, patience=0), samples)
+    s = result.summary
+    assert s["heldout_after"] < s["heldout_before"] - 0.5
+    assert s["merged_modules"] == 3 * 7  # q, k, v, o, gate, up, down in each block, merged back
+    assert not any("lora" in n for n, _ in adapter.model.named_parameters())
+    assert all(m.experts.up.abs().max() > 0 for m in pesc_layers(adapter.model).values())  # trained in full
+    assert s["balancing_loss_first"] >= 1.0 - 1e-6
+    assert set(s["routing_entropy"]) == set(pesc_layers(adapter.model))
+
+
+def test_instruct_refuses_plain_token_ids():
+    with pytest.raises(SlimformerError, match=r"instruct needs instruction data tokenised as \(ids, labels\)"):
+        apply(get_adapter(tiny_model("llama")), InstructConfig(tokens=100), random_ids(1, 400))
+
+
+def test_upcycle_command_writes_a_loadable_model(saved_tiny, tmp_path, capsys):
+    path, _ = saved_tiny
+    out = tmp_path / "pesc"
+    code = main(["upcycle", str(path), "--experts", "4", "--top-k", "2", "--adapter-dim", "8", "--ppl-windows", "0",
+                 "--export-remote-code", "--out", str(out)])
+    assert code == 0
+    assert (out / "modeling_pesc.py").is_file()
+    loaded = load_model(str(out))
+    assert loaded.model.config.num_experts == 4 and loaded.model.config.adapter_dim == 8
+    assert "activated" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-k", "9"], "top_k must be between 1 and the number of experts (8), not 9"),
+    (["--adapter-dim", "0"], "adapter width must be at least 1, not 0"),
+])
+def test_upcycle_command_bad_input_is_one_line(saved_tiny, tmp_path, capsys, args, message):
+    path, _ = saved_tiny
+    assert main(["upcycle", str(path), "--out", str(tmp_path / "x"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "x").exists()
+
+
+
+
+def test_recipe_upcycles_tunes_resumes_and_reloads(saved_tiny, tmp_path, monkeypatch):
+    import slimformer.recipes as recipes
+    from slimformer.recipes import Calibration, Measure, Recipe, run_recipe
+
+    path, _ = saved_tiny
+    data = tmp_path / "tasks.jsonl"
+    data.write_text("\n".join(json.dumps({"instruction": e.instruction, "instances": [{"input": "", "output": e.response}]})
+                              for e in _examples(120)))
+    recipe = Recipe(steps=(UpcycleConfig(experts=4, top_k=2, adapter_dim=8),
+                           InstructConfig(data=f"self-instruct:{data}", tokens=800, seqlen=32, batch_size=2, heldout=2,
+                                          eval_every=2, lora_rank=4)),
+                    model=str(path), calibration=Calibration(), measure=Measure(ppl_windows=0, speed=False))
+    clean = run_recipe(recipe, tmp_path / "clean", progress=False)
+    assert [s["result"]["method"] for s in clean["steps"]] == ["pesc", "instruct"]
+    calls, real = [], recipes._run_step
+
+    def flaky(ctx, index, step):
+        calls.append(index)
+        if index == 1 and calls.count(1) == 1:
+            raise KeyboardInterrupt  # Ctrl-C during instruction tuning
+        return real(ctx, index, step)
+
+    monkeypatch.setattr(recipes, "_run_step", flaky)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, out, progress=False)
+    run_recipe(recipe, out, progress=False)  # resumes from the saved PESC model
+    assert calls == [0, 1, 1]
+    a, b = load_model(str(tmp_path / "clean")), load_model(str(out))
+    assert type(b.model).__name__ == "PescForCausalLM"
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
