@@ -186,11 +186,12 @@ def main() -> None:
     extra += (["--tasks"] if args.tasks else []) + (["--limit", str(args.limit)] if args.limit else [])
     extra += ["--search-sleb"] if args.search_sleb else []
     extra += ["--lr", str(args.lr)] if args.lr else []
-    # A run at another learning rate is kept apart from the one at the method's default: NAME@lrLR.
-    suffix = f"@lr{args.lr:g}" if args.lr else ""
+    # A run at another budget or learning rate is kept apart from the protocol's: NAME@12k@lr0.0002.
+    suffix = (f"@{args.tokens // 1000}k" if args.tokens != 200_000 else "") + (f"@lr{args.lr:g}" if args.lr else "")
     for run in runs:  # written after every run: a long benchmark keeps what it measured
-        results.update({r["name"] + suffix: {**r, "name": r["name"] + suffix}
-                        for r in run_children(__file__, [run], extra)})
+        for r in run_children(__file__, [run], extra):
+            name = r["name"] if r["name"].endswith(":none") else r["name"] + suffix  # no training: no budget
+            results[name] = {**r, "name": name}
         ordered = [n for base in RUNS for n in results if n.split("@")[0] == base]
         write_result("recovery_smollm2", {"tokens": args.tokens, "windows": args.windows,
                                           "runs": [results[n] for n in ordered]}, _rows(results))

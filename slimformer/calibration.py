@@ -283,7 +283,9 @@ class BlockRunner:
         scheduler = greenlet.getcurrent()
 
         def pause(name, module, inputs):
-            if name not in done:  # a module called twice per forward is compressed once
+            # a module called twice per forward is compressed once; a visitor that runs the module
+            # itself while compressing it (from the scheduler, not a sample) is not observed
+            if name not in done and greenlet.getcurrent() in batch_of:
                 visitor.observe(name, module, inputs, batch_of[greenlet.getcurrent()])
                 scheduler.switch(name)
 

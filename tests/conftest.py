@@ -47,6 +47,29 @@ TINY_CONFIGS = {
 DECODERS = [name for name in TINY_CONFIGS if name not in ("bert", "roberta")]
 
 
+def _moe_config(name: str):
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, num_experts_per_tok=2)
+    return {
+        "mixtral": lambda: MixtralConfig(**common, num_local_experts=6),
+        "qwen2_moe": lambda: Qwen2MoeConfig(**common, num_experts=6, moe_intermediate_size=16,
+                                            shared_expert_intermediate_size=32),
+        "qwen3_moe": lambda: Qwen3MoeConfig(**common, num_experts=6, moe_intermediate_size=16),
+        "olmoe": lambda: OlmoeConfig(**common, num_experts=6, pad_token_id=0, eos_token_id=1, bos_token_id=2),
+    }[name]()
+
+
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+def tiny_moe(family: str, seed: int = 0):
+    """A random stock mixture-of-experts causal LM (6 experts, top-2, 2 blocks) in eval mode."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(_moe_config(family)).eval()
+
+
 def tiny_model(family: str, seed: int = 0):
     """A random model of ``family`` in eval mode: a causal LM for decoders, the bare encoder otherwise."""
     torch.manual_seed(seed)

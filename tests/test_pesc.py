@@ -240,3 +240,13 @@ def test_recipe_upcycles_tunes_resumes_and_reloads(saved_tiny, tmp_path, monkeyp
     assert type(b.model).__name__ == "PescForCausalLM"
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_flops_count_the_router_and_the_routed_adapters_only():
+    from slimformer.evaluation.cost import flops_per_token
+
+    dense = tiny_model("llama")
+    before = flops_per_token(dense, 16)
+    model = upcycle(dense, experts=4, top_k=2, adapter_dim=8)
+    per_block = 2 * 4 * 32 + 2 * 2 * (2 * 8 * 32)  # router (4 × 32), then 2 adapters of down 8 × 32 and up 32 × 8
+    assert flops_per_token(model, 16) == before + 3 * per_block

@@ -11,7 +11,7 @@ import slimformer.recipes as recipes
 from conftest import tiny_model, tiny_tokenizer
 from slimformer import SlimformerError, get_adapter, load_model
 from slimformer.cli import main
-from slimformer.methods import (AWQConfig, DistillConfig, FinetuneConfig, GPTQConfig, InstructConfig, LoRAConfig,
+from slimformer.methods import (AWQConfig, DistillConfig, ExpertMergeConfig, ExpertPruneConfig, FinetuneConfig, GPTQConfig, InstructConfig, LoRAConfig,
                                 MagnitudeConfig, RTNConfig, SLEBConfig, SparseGPTConfig, UpcycleConfig, WandaConfig, apply)
 from slimformer.models import LoadedModel
 from slimformer.recipes import STEPS, EvalConfig, Recipe, load_recipe, parse_recipe, run_recipe
@@ -29,6 +29,8 @@ EXAMPLES = {
     "awq": AWQConfig(bits=4, group_size=-1, symmetric=False, then="gptq", grid=10, clip=False),
     "pesc": UpcycleConfig(experts=4, top_k=1, adapter_dim=16, layers=(0, 2), aux_loss=0.02, z_loss=0.001),
     "instruct": InstructConfig(data="self-instruct", tokens=5000, lora_rank=8, aux_loss=0.0, schedule="cosine"),
+    "expert-prune": ExpertPruneConfig(keep=4, criterion="output", max_tokens=512, propagate="dense"),
+    "expert-merge": ExpertMergeConfig(ratio=0.25),
     "eval": EvalConfig(ppl="wikitext2:valid", windows=3, tasks=("piqa", "boolq"), limit=5),
 }
 

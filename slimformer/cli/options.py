@@ -282,3 +282,24 @@ def add_upcycle_parser(sub, helps: dict[str, str]) -> None:
                    help="also write the modeling file and auto_map, for stock transformers with trust_remote_code=True")
     p.add_argument("--out", required=True, help="folder for the PESC model (slimformer.load_model loads it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def add_experts_parser(sub, helps: dict[str, str]) -> None:
+    """``experts``: fewer experts in a MoE model (PESC, Mixtral, Qwen-MoE, OLMoE) by pruning or merging."""
+    p = sub.add_parser("experts", help=helps["experts"])
+    add_model_args(p)
+    p.add_argument("--method", default="prune", choices=["prune", "merge"],
+                   help="prune: drop experts; merge: average groups of similar experts (M-SMoE)")
+    p.add_argument("--criterion", default="frequency", choices=["frequency", "output"],
+                   help="prune: the least routed-to experts, or those whose removal changes the block output least")
+    count = p.add_mutually_exclusive_group(required=True)
+    count.add_argument("--keep", type=int, help="experts kept in every MoE block")
+    count.add_argument("--ratio", type=float, help="fraction of the experts removed, in (0, 1)")
+    p.add_argument("--calib", default="wikitext2:valid", help=f"calibration source: {SOURCES_HELP}")
+    p.add_argument("--nsamples", type=int, default=16)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    add_bos_arg(p)
+    p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
+    p.add_argument("--out", required=True, help="folder for the model with fewer experts (the same class, stock-loadable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

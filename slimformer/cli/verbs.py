@@ -263,6 +263,20 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experts(args: argparse.Namespace) -> int:
+    """Prune or merge the experts of a mixture-of-experts model, calibrated block by block, and save it."""
+    from slimformer.methods import ExpertMergeConfig, ExpertPruneConfig
+
+    count = {"keep": args.keep, "ratio": args.ratio}
+    config = ExpertMergeConfig(**count) if args.method == "merge" else ExpertPruneConfig(**count, criterion=args.criterion)
+    summary, result, found, console = _run_one_step(args, config)
+    console.print(f"{result['method']}: {found['experts_before']} → {found['experts_after']} experts in "
+                  f"{found['moe_blocks']} MoE blocks; parameters {found['params_before']:,} → {found['params_after']:,} "
+                  f"in {result['seconds']:.1f} s")
+    _print_outcome(console, summary, args)
+    return 0
+
+
 def cmd_remove_blocks(args: argparse.Namespace) -> int:
     """Remove whole blocks (SLEB, its one-shot variant, or block influence) and save the shallower model."""
     from rich.console import Console

@@ -19,6 +19,7 @@ from slimformer.machine import peak_rss_gib
 from slimformer.evaluation.speed import compare_speed, prefill_seconds
 from slimformer.models.adapters import get_adapter, weight_shape
 from slimformer.models.quantized import QuantizedLinear, quantized_modules
+from slimformer.models.moe import expert_weights, moe_modules, router_weight, top_k_of
 from slimformer.models.surgery import block_shape, head_dim
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -82,6 +83,13 @@ def _attention_context(config, block: int, seq_len: int) -> int:
     return min(seq_len, window)
 
 
+def _expert_flops(block: nn.Module) -> float:
+    """Per-token FLOPs of a MoE block's router and of the ``k`` experts one token is routed to."""
+    router = router_weight(block)
+    per_expert = sum(p[0].numel() for p in expert_weights(block))
+    return 2 * router.numel() + 2 * top_k_of(block) * per_expert
+
+
 def flops_per_token(model: nn.Module, seq_len: int, *, fractions: list[dict[str, float] | None] | None = None) -> float:
     """Forward FLOPs of one token with ``seq_len`` tokens of context, causal LM or encoder.
 
@@ -94,7 +102,9 @@ def flops_per_token(model: nn.Module, seq_len: int, *, fractions: list[dict[str,
     activations are left out (a few per cent for small models), and zeros from pruning are
     counted: dense kernels multiply them too. For a causal LM this is the cost of the token
     at position ``seq_len`` (a decode step with that much cache); a prefill of ``seq_len``
-    tokens averages about half the attention term.
+    tokens averages about half the attention term. In a mixture-of-experts block a token pays
+    for the router and for the ``k`` experts it is routed to (their stacked weights are not
+    Linears), besides any Linear of the block (a shared FFN or expert).
 
     ``fractions`` counts a sub-network without cutting it out (the one FLOP count of the search
     and of measurement): per block, the kept fraction of each projection's outputs by role
@@ -113,6 +123,7 @@ def flops_per_token(model: nn.Module, seq_len: int, *, fractions: list[dict[str,
                 b, role = roles[id(module)]
                 share = 0.0 if fractions[b] is None else fractions[b][role]
             flops += 2 * math.prod(weight_shape(module)) * share
+    flops += sum(_expert_flops(block) for block in moe_modules(model).values())
     hd = head_dim(adapter)
     for b, block in enumerate(adapter.blocks):
         if fractions is not None and fractions[b] is None:

@@ -2,6 +2,7 @@
 
 from slimformer.methods.base import METHODS, MethodResult, apply, config_dict, select_linears
 from slimformer.methods.blocks import SLEBConfig
+from slimformer.methods.experts import ExpertMergeConfig, ExpertPruneConfig
 from slimformer.methods.pesc import InstructConfig, UpcycleConfig
 from slimformer.methods.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from slimformer.methods.quantization import AWQConfig, GPTQConfig, RTNConfig
@@ -10,6 +11,8 @@ from slimformer.methods.recovery import DistillConfig, FinetuneConfig, LoRAConfi
 __all__ = [
     "AWQConfig",
     "DistillConfig",
+    "ExpertMergeConfig",
+    "ExpertPruneConfig",
     "GPTQConfig",
     "InstructConfig",
     "LoRAConfig",

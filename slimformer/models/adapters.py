@@ -84,6 +84,17 @@ def _llama_like(name: str, model_type: str | None = None, norms: tuple[str, ...]
     )
 
 
+def _moe(name: str) -> Family:
+    """A stock mixture-of-experts family: Llama-like attention and norms; its experts are stacked tensors, not Linears.
+
+    Weight pruning and quantization reach its attention projections; the experts are changed by
+    expert pruning and merging (``methods/experts.py``).
+    """
+    return Family(name=name, model_types=(name,), kind="decoder", blocks="layers", attention=_LLAMA_ATTN, mlp={},
+                  norms=("input_layernorm", "post_attention_layernorm"), embeddings=("embed_tokens",),
+                  scale_pairs=(("input_layernorm", ("q", "k", "v")), ("v", ("o",))))
+
+
 _GEMMA2_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
 
 FAMILIES: tuple[Family, ...] = (
@@ -94,6 +105,7 @@ FAMILIES: tuple[Family, ...] = (
     _llama_like("gemma", norm_offset=1.0),
     _llama_like("gemma2", norms=_GEMMA2_NORMS, norm_offset=1.0),
     _llama_like("gemma3", "gemma3_text", norms=_GEMMA2_NORMS, norm_offset=1.0),  # the text model; multimodal "gemma3" nests it
+    *(_moe(name) for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")),
     Family(
         name="gpt2",
         model_types=("gpt2",),

@@ -100,7 +100,8 @@ def block_shape(adapter: Adapter, block: nn.Module) -> dict[str, int]:
     else:
         heads = weight_shape(lin["q"])[0] // hd
         kv = weight_shape(lin["k"])[0] // hd
-    units = weight_shape(lin[next(r for r in ("up", "gate") if r in lin)])[0]
+    ffn = next((r for r in ("up", "gate") if r in lin), None)  # a stock MoE block has experts, no FFN projections
+    units = weight_shape(lin[ffn])[0] if ffn else None
     return {"heads": heads, "kv_heads": kv if f.kv_heads_field else heads, "intermediate": units}
 
 
