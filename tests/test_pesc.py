@@ -250,3 +250,45 @@ def test_flops_count_the_router_and_the_routed_adapters_only():
     model = upcycle(dense, experts=4, top_k=2, adapter_dim=8)
     per_block = 2 * 4 * 32 + 2 * 2 * (2 * 8 * 32)  # router (4 × 32), then 2 adapters of down 8 × 32 and up 32 × 8
     assert flops_per_token(model, 16) == before + 3 * per_block
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_qwen2_moe_layout_is_exact_and_stock(family, tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen2MoeForCausalLM
+
+    dense = tiny_model(family)
+    adapter = get_adapter(dense)
+    ids = random_ids(2, 16)
+    with torch.no_grad():
+        expected = dense(ids).logits
+    result = apply(adapter, UpcycleConfig(layout="qwen2_moe", experts=4, top_k=2, adapter_dim=8), None)
+    model = adapter.model
+    assert type(model) is Qwen2MoeForCausalLM and adapter.family.name == "qwen2_moe"
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-6)
+    idle = 3 * (4 - 2) * 3 * 8 * 32  # per block: 2 idle experts of gate, up (8 × 32) and down (32 × 8)
+    assert result.summary["params"] - result.summary["activated_params"] == idle
+    model.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "m")(ids).logits, expected,
+                                   rtol=0, atol=1e-6)
+
+
+def test_qwen2_moe_layout_tunes_its_experts_and_shared_expert():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    apply(adapter, UpcycleConfig(layout="qwen2_moe", experts=4, top_k=2, adapter_dim=8), None)
+    shared_before = adapter.model.model.layers[0].mlp.shared_expert.up_proj.weight.clone()
+    samples = tokenize_instructions(tiny_tokenizer(), _examples(400))
+    s = apply(adapter, InstructConfig(tokens=6000, seqlen=32, batch_size=4, heldout=8, eval_every=10, lr=1e-2,
+                                      patience=0), samples).summary
+    mlp = adapter.model.model.layers[0].mlp
+    assert s["heldout_after"] < s["heldout_before"] - 0.5 and s["moe"] and s["aux_loss"] == 0.01
+    assert mlp.experts.down_proj.abs().max() > 0  # routed experts trained in full
+    assert not torch.equal(mlp.shared_expert.up_proj.weight, shared_before)  # LoRA merged into the shared expert
+    assert s["merged_modules"] == 3 * (4 + 3)
+
+
+def test_qwen2_moe_layout_refuses_other_blocks():
+    with pytest.raises(SlimformerError, match="the Qwen2-MoE layout reproduces llama, mistral, qwen2 blocks exactly"):
+        apply(get_adapter(tiny_model("gemma")), UpcycleConfig(layout="qwen2_moe"), None)

@@ -5,13 +5,14 @@ Two recipe steps:
 - ``pesc`` turns every chosen block's FFN into a mixture of adapter experts that computes the
   same function as before (see :mod:`slimformer.models.pesc_modeling`);
 - ``instruct`` tunes a model on instruction data, with the loss on response tokens only: LoRA
-  (``peft``) on the attention and FFN projections, and on a PESC model the experts' adapters
-  and the routers trained in full, with the load-balancing loss. The defaults follow the
-  paper's schedule (constant learning rate 2e-4 after a 3% warm-up, no weight decay). The same
-  step on the dense model is the paper's "Camel" baseline; on the PESC model, "Camelidae".
+  (``peft``) on the attention and FFN projections (a stock MoE's shared expert included), and
+  on a MoE model the experts, routers and shared-expert gate trained in full, with the
+  load-balancing loss. The defaults follow the paper's schedule (constant learning rate 2e-4
+  after a 3% warm-up, no weight decay). The same step on the dense model is the paper's
+  "Camel" baseline; on the PESC model, "Camelidae".
 
-A model quantized by slimformer trains over its dequantized weights, which go back onto their
-own grids at the end (see :mod:`slimformer.methods.training`), as every recovery step does.
+A quantized base (QLoRA-style) trains as every recovery step does: LoRA over the dequantized,
+frozen weights, merged and put back on each weight's own grid at the end.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from slimformer.errors import SlimformerError
 from slimformer.methods.base import MethodResult, config_dict, register
 from slimformer.methods.distill_math import chunked_head_loss, next_token_ce
 from slimformer.methods.training import TrainingFields, split_windows, training_session
-from slimformer.models.adapters import Adapter
-from slimformer.models.moe import is_pesc, pesc_layers, router_losses, routing_shares, upcycle
+from slimformer.models.adapters import Adapter, config_family
+from slimformer.models.moe import RouterTap, moe_modules, parameter_counts, upcycle, upcycle_qwen2_moe
+
+LAYOUTS = ("pesc", "qwen2_moe")
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,15 @@ class UpcycleConfig:
 
     ``adapter_dim`` defaults to hidden / 8 (the paper: 512 on a hidden size of 4096); ``layers``
     (block indices) to every block. ``aux_loss`` and ``z_loss`` are stored in the model's config
-    and used when it is trained. YAML: ``{method: pesc, experts: 8, top_k: 2, adapter_dim: 72}``
+    and used when it is trained. ``layout: qwen2_moe`` writes the same idea as a stock Qwen2-MoE
+    model instead (the FFN as shared expert, routed SwiGLU experts of width ``adapter_dim``; see
+    :func:`slimformer.models.moe.upcycle_qwen2_moe`), for Llama, Mistral and Qwen2 models.
+    YAML: ``{method: pesc, experts: 8, top_k: 2, adapter_dim: 72}``
     """
 
     method: ClassVar[str] = "pesc"
     needs_samples: ClassVar[bool] = False
+    layout: str = "pesc"
     experts: int = 8
     top_k: int = 2
     adapter_dim: int | None = None
@@ -54,6 +61,10 @@ class UpcycleConfig:
 
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
+        if self.layout not in LAYOUTS:
+            raise SlimformerError(f"unknown layout '{self.layout}'; choose one of {', '.join(LAYOUTS)}")
+        if self.layout == "qwen2_moe" and self.z_loss:
+            raise SlimformerError("the Qwen2-MoE layout has no router z-loss")
         if self.experts < 1 or not 1 <= self.top_k <= self.experts:
             raise SlimformerError(f"top_k must be between 1 and the number of experts ({self.experts}), not {self.top_k}")
         if self.adapter_dim is not None and self.adapter_dim < 1:
@@ -68,15 +79,22 @@ class UpcycleConfig:
 def apply_upcycle(adapter: Adapter, config: UpcycleConfig, samples: torch.Tensor | None) -> MethodResult:
     """Replace the adapter's model by its PESC upcycling (same function until trained)."""
     dense = sum(p.numel() for p in adapter.model.parameters())
-    model = upcycle(adapter.model, experts=config.experts, top_k=config.top_k, adapter_dim=config.adapter_dim,
-                    layers=list(config.layers) if config.layers is not None else None, adapter_act=config.adapter_act,
-                    aux_loss=config.aux_loss, z_loss=config.z_loss, seed=config.seed)
-    adapter.model = model
-    counts = model.parameter_counts()
+    layers = list(config.layers) if config.layers is not None else None
+    if config.layout == "qwen2_moe":
+        model = upcycle_qwen2_moe(adapter.model, experts=config.experts, top_k=config.top_k,
+                                  expert_dim=config.adapter_dim, layers=layers, aux_loss=config.aux_loss, seed=config.seed)
+        width = model.config.moe_intermediate_size
+    else:
+        model = upcycle(adapter.model, experts=config.experts, top_k=config.top_k, adapter_dim=config.adapter_dim,
+                        layers=layers, adapter_act=config.adapter_act, aux_loss=config.aux_loss, z_loss=config.z_loss,
+                        seed=config.seed)
+        width = model.config.adapter_dim
+    adapter.model, adapter.family = model, config_family(model.config)  # a Qwen2-MoE model is of that family
+    counts = parameter_counts(model)
     return MethodResult(config.method, config_dict(config), summary={
-        "dense_params": dense, "params": counts["total"], "activated_params": counts["activated"],
-        "upcycled_blocks": len(pesc_layers(model)), "experts": config.experts, "top_k": config.top_k,
-        "adapter_dim": model.config.adapter_dim})
+        "layout": config.layout, "dense_params": dense, "params": counts["total"],
+        "activated_params": counts["activated"], "upcycled_blocks": len(moe_modules(model)),
+        "experts": config.experts, "top_k": config.top_k, "adapter_dim": width})
 
 
 @dataclass(frozen=True)
@@ -112,8 +130,8 @@ class InstructConfig(TrainingFields):
 
 
 def _in_full(name: str) -> bool:
-    """Whether a parameter is a PESC expert adapter or router (trained in full beside LoRA)."""
-    return ".experts." in name or ".router." in name
+    """Whether a parameter is a routed expert, a router or a shared-expert gate (trained in full beside LoRA)."""
+    return any(part in name for part in (".experts.", ".router.", ".mlp.gate.", "shared_expert_gate"))
 
 
 def routing_entropy(shares: dict[str, list[float]]) -> dict[str, float]:
@@ -127,12 +145,16 @@ def routing_entropy(shares: dict[str, list[float]]) -> dict[str, float]:
 
 @torch.no_grad()
 def heldout_routing(adapter: Adapter, windows: torch.Tensor, batch_size: int = 4) -> dict[str, list[float]]:
-    """Per upcycled block, the share of the routing slots each expert got over ``windows`` ``(n, T)``."""
+    """Per MoE block, the share of the routing slots each expert got over ``windows`` ``(n, T)``."""
     counts: dict[str, torch.Tensor] = {}
-    for batch in windows.split(batch_size):
-        adapter.base(input_ids=batch, use_cache=False)
-        for name, share in routing_shares(adapter.model).items():
-            counts[name] = counts.get(name, 0) + torch.tensor(share, dtype=torch.float64) * batch.numel()
+    tap = RouterTap(adapter.model)
+    try:
+        for batch in windows.split(batch_size):
+            adapter.base(input_ids=batch, use_cache=False)
+            for name, share in tap.shares().items():
+                counts[name] = counts.get(name, 0) + torch.tensor(share, dtype=torch.float64) * batch.numel()
+    finally:
+        tap.remove()
     return {name: (c / c.sum()).tolist() for name, c in counts.items()}
 
 
@@ -148,10 +170,16 @@ def instruct(adapter: Adapter, config: InstructConfig, samples: torch.Tensor | N
     steps = config.planned_steps()
     order = torch.arange(steps * config.batch_size) % train.shape[0]
     batches = [train[p] for p in order.split(config.batch_size)]
-    pesc = is_pesc(adapter.model)
-    aux_weight = (adapter.model.config.router_aux_loss_coef if config.aux_loss is None else config.aux_loss) if pesc else 0.0
-    z_weight = (adapter.model.config.router_z_loss_coef if config.z_loss is None else config.z_loss) if pesc else 0.0
-    trainer, finish = training_session(adapter, config, heldout, progress, train_in_full=_in_full if pesc else None)
+    model_config = adapter.model.config
+    moe = bool(moe_modules(adapter.model))
+    aux_weight = (getattr(model_config, "router_aux_loss_coef", 0.0) if config.aux_loss is None else config.aux_loss) \
+        if moe else 0.0
+    z_weight = (getattr(model_config, "router_z_loss_coef", 0.0) if config.z_loss is None else config.z_loss) if moe else 0.0
+    shared = [n for block_name, block in moe_modules(adapter.model).items() for n, m in block.named_modules(prefix=block_name)
+              if isinstance(m, torch.nn.Linear) and ".shared_expert." in n + "."]  # a stock MoE's shared FFN: LoRA too
+    trainer, finish = training_session(adapter, config, heldout, progress, train_in_full=_in_full if moe else None,
+                                       lora_extra=shared)
+    tap = RouterTap(adapter.model)
     head_params = list(adapter.head.parameters())
     aux_history: list[float] = []
 
@@ -162,18 +190,19 @@ def instruct(adapter: Adapter, config: InstructConfig, samples: torch.Tensor | N
         scored = int((targets >= 0).sum())
         h = hidden.reshape(-1, hidden.shape[-1])
         loss = chunked_head_loss(h, adapter.logits, next_token_ce(targets), head_params) / max(scored, 1)
-        aux, z = router_losses(adapter.model)
+        aux, z = tap.losses()
         if aux is not None:
             aux_history.append(float(aux.detach()))
             loss = loss + aux_weight * aux + z_weight * z
         return loss
 
     summary: dict[str, Any] = {"train_windows": int(train.shape[0]), "heldout_windows": int(heldout.shape[0]),
-                               "pesc": pesc, "aux_loss": aux_weight, "z_loss": z_weight,
+                               "moe": moe, "aux_loss": aux_weight, "z_loss": z_weight,
                                "trainable_params": sum(p.numel() for p in adapter.model.parameters() if p.requires_grad)}
     try:
         summary.update(trainer.run(batches, step_loss, desc=config.method))
     finally:
+        tap.remove()
         summary.update(finish())
     summary["heldout_after"] = summary.get("heldout_requantized", summary.get("heldout_merged", summary["heldout_best"]))
     if aux_history:

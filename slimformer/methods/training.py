@@ -171,12 +171,12 @@ def _lora_names(adapter: Adapter, targets: tuple[str, ...]) -> list[str]:
     return [n for n in select_linears(adapter) if any(n.endswith("." + p) for p in paths)]
 
 
-def _attach_lora(adapter: Adapter, config: TrainingFields):
-    """Wrap the model with ``peft`` LoRA adapters; every other weight is frozen. Returns the PeftModel."""
+def _attach_lora(adapter: Adapter, config: TrainingFields, extra: list[str] = ()):
+    """Wrap the model with ``peft`` LoRA adapters on the family's projections and the Linears ``extra``; every other weight is frozen. Returns the PeftModel."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=_lora_names(adapter, config.lora_targets), bias="none")
+                      target_modules=_lora_names(adapter, config.lora_targets) + list(extra), bias="none")
     return get_peft_model(adapter.model, lora)
 
 
@@ -302,11 +302,12 @@ class Trainer:
 
 
 def training_session(adapter: Adapter, config: TrainingFields, heldout: torch.Tensor, progress: bool = True,
-                     train_in_full: Callable[[str], bool] | None = None):
+                     train_in_full: Callable[[str], bool] | None = None, lora_extra: list[str] = ()):
     """A :class:`Trainer` over the model made ready for ``config``: LoRA or full training, masks, quantized bases.
 
-    With LoRA, the parameters whose names ``train_in_full`` accepts (a PESC model's experts and
-    routers) are trained in full beside the adapters.
+    With LoRA, the Linears named in ``lora_extra`` get adapters too (a MoE block's shared expert),
+    and the parameters whose names ``train_in_full`` accepts (experts and routers) are trained in
+    full beside the adapters.
 
     Returns ``(trainer, finish)``; ``finish()`` merges LoRA (masked where weights are pruned),
     puts quantized weights back on their grids, and returns what that did with the held-out
@@ -320,7 +321,7 @@ def training_session(adapter: Adapter, config: TrainingFields, heldout: torch.Te
     modules = select_linears(adapter)
     handles, peft_model, after_step = [], None, None
     if config.lora_rank:
-        peft_model = _attach_lora(adapter, config)
+        peft_model = _attach_lora(adapter, config, lora_extra)
         for name, p in model.named_parameters():
             if train_in_full is not None and train_in_full(name):
                 p.requires_grad_(True)

@@ -23,16 +23,17 @@ from transformers import PreTrainedModel
 
 from slimformer.errors import SlimformerError
 from slimformer.models import pesc_modeling
-from slimformer.models.pesc_modeling import MODEL_TYPE, PescConfig, PescForCausalLM, PescMLP, router_losses
+from slimformer.models.pesc_modeling import (MODEL_TYPE, PescConfig, PescForCausalLM, PescMLP, balancing_loss,
+                                             router_losses)
 
 pesc_modeling._register()  # AutoConfig / AutoModelForCausalLM know "slimformer_pesc" once slimformer is imported
 
 REMOTE_CODE_FILE = "modeling_pesc.py"
 GATED = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
-__all__ = ["MODEL_TYPE", "PescConfig", "PescForCausalLM", "PescMLP", "expert_outputs", "expert_weights", "export_remote_code", "is_pesc",
-           "keep_experts", "merge_experts", "moe_modules", "pesc_layers", "router_losses", "router_weight", "routing",
-           "routing_shares", "set_expert_count", "top_k_of", "upcycle"]
+__all__ = ["MODEL_TYPE", "PescConfig", "PescForCausalLM", "PescMLP", "expert_outputs", "expert_weights", "export_remote_code", "is_pesc", "RouterTap",
+           "keep_experts", "merge_experts", "moe_modules", "parameter_counts", "pesc_layers", "router_losses", "router_weight", "routing",
+           "routing_shares", "set_expert_count", "top_k_of", "upcycle", "upcycle_qwen2_moe"]
 
 
 def is_pesc(model: torch.nn.Module) -> bool:
@@ -90,6 +91,133 @@ def upcycle(model: PreTrainedModel, *, experts: int = 8, top_k: int = 2, adapter
             mlp.experts.up.zero_()
     out.generation_config = model.generation_config
     return out.eval()
+
+
+QWEN2_MOE_SOURCES = ("llama", "mistral", "qwen2")  # block layouts a stock Qwen2-MoE block reproduces exactly
+
+
+def upcycle_qwen2_moe(model: PreTrainedModel, *, experts: int = 8, top_k: int = 2, expert_dim: int | None = None,
+                      layers: list[int] | None = None, aux_loss: float = 0.01, seed: int = 0) -> PreTrainedModel:
+    """The dense decoder ``model`` as a stock ``Qwen2MoeForCausalLM`` that computes the same function.
+
+    The same idea as PESC in a layout stock transformers, vLLM and llama.cpp load without custom
+    code: the original FFN becomes the shared expert, and ``experts`` small routed SwiGLU experts
+    of width ``expert_dim`` (default hidden / 8) start with a zero ``down_proj``. Qwen2-MoE gates
+    the shared expert by ``sigmoid(w · x)``: ``w`` starts at zero (a gate of exactly 0.5) and the
+    shared expert's ``down_proj`` is doubled, so the block computes the dense FFN exactly. The
+    router softmaxes over all experts (``norm_topk_prob: false``).
+    """
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    c = model.config
+    if c.model_type not in QWEN2_MOE_SOURCES:
+        raise SlimformerError(f"the Qwen2-MoE layout reproduces {', '.join(QWEN2_MOE_SOURCES)} blocks exactly; "
+                              f"{c.model_type} differs (use the PESC layout)")
+    if getattr(c, "slimformer_layer_shapes", None):
+        raise SlimformerError("upcycling needs blocks of one shape; this model's blocks were pruned to different widths")
+    blocks = model.base_model.layers
+    if blocks[0].self_attn.o_proj.bias is not None or blocks[0].mlp.down_proj.bias is not None:
+        raise SlimformerError("Qwen2-MoE has no bias on o_proj or the FFN; this model has one")
+    expert_dim = c.hidden_size // 8 if expert_dim is None else expert_dim
+    n = len(blocks)
+    if experts < 1 or not 1 <= top_k <= experts:
+        raise SlimformerError(f"top_k must be between 1 and the number of experts ({experts}), not {top_k}")
+    if expert_dim < 1:
+        raise SlimformerError(f"expert width must be at least 1, not {expert_dim}")
+    if layers is not None and (not layers or any(not 0 <= i < n for i in layers)):
+        raise SlimformerError(f"layers must be block indices in [0, {n}), not {layers}")
+    chosen = set(range(n) if layers is None else layers)
+    fields = {k: getattr(c, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                         "num_attention_heads", "num_key_value_heads", "hidden_act",
+                                         "max_position_embeddings", "initializer_range", "rms_norm_eps",
+                                         "tie_word_embeddings", "rope_parameters", "attention_dropout", "pad_token_id",
+                                         "bos_token_id", "eos_token_id") if getattr(c, k, None) is not None}
+    window = getattr(c, "sliding_window", None)
+    if window and (c.model_type == "mistral" or getattr(c, "use_sliding_window", False)):
+        fields.update(use_sliding_window=True, sliding_window=window, max_window_layers=n,
+                      layer_types=getattr(c, "layer_types", None) or ["sliding_attention"] * n)
+    config = Qwen2MoeConfig(**fields, moe_intermediate_size=expert_dim, shared_expert_intermediate_size=c.intermediate_size,
+                            num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=False,
+                            router_aux_loss_coef=aux_loss, decoder_sparse_step=1,
+                            mlp_only_layers=sorted(set(range(n)) - chosen),
+                            qkv_bias=blocks[0].self_attn.q_proj.bias is not None)
+    if getattr(c, "head_dim", None) and c.head_dim != c.hidden_size // c.num_attention_heads:
+        raise SlimformerError("Qwen2-MoE derives the head width from hidden / heads; this model's differs")
+    state = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if len(parts) > 4 and parts[1] == "layers" and parts[3] == "mlp" and int(parts[2]) in chosen:
+            key = ".".join(parts[:4] + ["shared_expert"] + parts[4:])
+            value = value * 2 if parts[4] == "down_proj" else value  # undoes the shared gate's sigmoid(0) = 0.5
+        state[key] = value
+    out = Qwen2MoeForCausalLM(config).to(next(model.parameters()).dtype)
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    fresh = [k for k in missing if not any(s in k for s in (".mlp.gate.", ".mlp.experts.", "shared_expert_gate"))
+             and k != "lm_head.weight"]
+    if unexpected or fresh:
+        raise SlimformerError(f"cannot upcycle {c.model_type} into Qwen2-MoE: weights do not match "
+                              f"(missing {fresh[:3]}, unexpected {unexpected[:3]})")
+    out.tie_weights()
+    generator = torch.Generator().manual_seed(seed)
+    std = getattr(c, "initializer_range", 0.02)
+    with torch.no_grad():
+        for i in sorted(chosen):
+            mlp = out.model.layers[i].mlp
+            for p in (mlp.gate.weight, mlp.experts.gate_up_proj):
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+            mlp.experts.down_proj.zero_()
+            mlp.shared_expert_gate.weight.zero_()
+    out.generation_config = model.generation_config
+    return out.eval()
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Total parameters of a model, and those one token activates (in each MoE block, only its k routed experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    idle = sum((router_weight(b).shape[0] - top_k_of(b)) * sum(w[0].numel() for w in expert_weights(b))
+               for b in moe_modules(model).values())
+    return {"total": total, "activated": total - idle}
+
+
+class RouterTap:
+    """Forward hooks on the router of every MoE block (PESC or stock) that keep the logits of the last forward.
+
+    ``losses()`` gives the balancing loss and z-loss of that forward averaged over the blocks, the
+    same definitions as :func:`slimformer.models.pesc_modeling.router_losses`, for any MoE layout.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.blocks = moe_modules(model)
+        self.logits: dict[str, torch.Tensor] = {}
+        self._handles = [(b.router if isinstance(b, PescMLP) else b.gate).register_forward_hook(self._keep(name))
+                         for name, b in self.blocks.items()]
+
+    def _keep(self, name: str):
+        def hook(module, args, out):
+            self.logits[name] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    def losses(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(balancing loss, z-loss) of the last forward; None before any."""
+        if not self.logits:
+            return None, None
+        aux = sum(balancing_loss(x, x.topk(top_k_of(self.blocks[n]), -1).indices) for n, x in self.logits.items())
+        z = sum(torch.logsumexp(x.float(), -1).pow(2).mean() for x in self.logits.values())
+        return aux / len(self.logits), z / len(self.logits)
+
+    def shares(self) -> dict[str, list[float]]:
+        """Per block, the share of the last forward's routing slots each expert got."""
+        out = {}
+        for name, x in self.logits.items():
+            counts = torch.bincount(x.topk(top_k_of(self.blocks[name]), -1).indices.reshape(-1),
+                                    minlength=x.shape[-1]).double()
+            out[name] = (counts / counts.sum()).tolist()
+        return out
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        for handle in self._handles:
+            handle.remove()
 
 
 def routing_shares(model: torch.nn.Module) -> dict[str, list[float]]:
