@@ -292,3 +292,24 @@ def test_qwen2_moe_layout_tunes_its_experts_and_shared_expert():
 def test_qwen2_moe_layout_refuses_other_blocks():
     with pytest.raises(SlimformerError, match="the Qwen2-MoE layout reproduces llama, mistral, qwen2 blocks exactly"):
         apply(get_adapter(tiny_model("gemma")), UpcycleConfig(layout="qwen2_moe"), None)
+
+
+def test_instruction_loss_is_the_mean_response_token_loss(tmp_path):
+    from slimformer.data.instructions import tokenize_example
+    from slimformer.evaluation import instruction_loss
+
+    data = tmp_path / "tasks.jsonl"
+    examples = _examples(5)
+    data.write_text("\n".join(json.dumps({"instruction": e.instruction, "instances": [{"input": "w9", "output": e.response}]})
+                              for e in examples))
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    got = instruction_loss(model, tok, f"self-instruct:{data}", progress=False)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for e in examples:
+            ids, labels = tokenize_example(tok, InstructionExample(e.instruction, "w9", e.response))
+            n = sum(1 for x in labels[1:] if x != IGNORE)
+            total += model(torch.tensor([ids]), labels=torch.tensor([labels])).loss.item() * n
+            count += n
+    assert got["examples"] == 5 and got["tokens"] == count
+    assert got["loss"] == pytest.approx(total / count, rel=1e-5)

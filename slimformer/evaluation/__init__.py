@@ -13,3 +13,6 @@ from slimformer.evaluation.zeroshot import encode_pair, evaluate_task, score_cho
 from slimformer.evaluation.lm_eval_bridge import run_lm_eval, write_task_yaml
 
 __all__ += ["encode_pair", "evaluate_task", "run_lm_eval", "score_choices", "write_task_yaml"]
+from slimformer.evaluation.instructions import instruction_loss
+
+__all__ += ["instruction_loss"]
