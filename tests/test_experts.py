@@ -146,6 +146,7 @@ def test_experts_command_prunes_a_saved_moe_and_refuses_a_dense_one(saved_tiny, 
     assert main(["experts", str(moe), "--method", "merge", "--keep", "4", *common, "--out", str(tmp_path / "o")]) == 0
     assert "6 → 4 experts in 2 MoE blocks" in capsys.readouterr().out
     assert load_model(str(tmp_path / "o")).model.config.num_experts == 4
+    assert "Routing per expert" in (tmp_path / "o" / "report.html").read_text()
     assert main(["experts", str(dense), "--keep", "2", *common, "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs a mixture-of-experts model; llama has no MoE blocks" in err[0]

@@ -222,6 +222,8 @@ def test_recipe_upcycles_tunes_resumes_and_reloads(saved_tiny, tmp_path, monkeyp
                     model=str(path), calibration=Calibration(), measure=Measure(ppl_windows=0, speed=False))
     clean = run_recipe(recipe, tmp_path / "clean", progress=False)
     assert [s["result"]["method"] for s in clean["steps"]] == ["pesc", "instruct"]
+    page = (tmp_path / "clean" / "report.html").read_text()
+    assert "Routing per expert" in page and "Recovery training" in page  # the routing heat map and the loss curves
     calls, real = [], recipes._run_step
 
     def flaky(ctx, index, step):

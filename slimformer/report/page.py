@@ -7,8 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from slimformer.report.plots import (plot_block_scores, plot_pareto, plot_quality_vs_size, plot_sparsity,
-                                     plot_training)
+from slimformer.report.plots import (plot_block_scores, plot_pareto, plot_quality_vs_size, plot_routing,
+                                     plot_sparsity, plot_training)
 from slimformer.report.records import ROWS, step_label
 
 _CSS = """
@@ -141,6 +141,10 @@ def render_html(report: dict) -> str:
     if trained := [(i, s["training"]) for i, s in enumerate(steps, 1) if "training" in s]:
         body = "".join(_training_html(i, steps[i - 1], t) for i, t in trained)
         parts.append(_section("training", "Recovery training", body))
+    if routed := [(i, s["routing"]) for i, s in enumerate(steps, 1) if "routing" in s]:
+        body = "".join(f"<h3>Step {i}: {html.escape(step_label(steps[i - 1]))}</h3>"
+                       f"{_img(plot_routing(r), 'routing per expert')}" for i, r in routed)
+        parts.append(_section("routing", "Routing per expert", body))
     for n, search in enumerate(report.get("searches", []), 1):
         anchor = "pareto" if n == 1 else f"pareto-{n}"
         parts.append(_section(anchor, "Structural search: Pareto front", _search_html(search)))

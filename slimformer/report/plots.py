@@ -8,6 +8,7 @@ import io
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import EngFormatter, FuncFormatter, PercentFormatter
 
 from slimformer.report.records import nondominated
@@ -135,4 +136,21 @@ def plot_training(training: dict) -> str:
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_routing(routing: dict) -> str:
+    """Heat map of the share of routing slots per expert, MoE blocks × experts (kept experts outlined); a base64 PNG."""
+    values = np.array(routing["values"], dtype=float)
+    fig = _figure(7.0, max(2.5, 0.22 * len(routing["blocks"]) + 1.6))
+    ax = fig.add_subplot()
+    image = ax.imshow(values, aspect="auto", cmap="magma", vmin=0.0, vmax=max(float(values.max()), 1e-9))
+    ax.set_xticks(range(values.shape[1]), [str(e) for e in range(values.shape[1])], fontsize=8)
+    ax.set_yticks(range(len(routing["blocks"])), [str(b) for b in routing["blocks"]], fontsize=8)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("block")
+    for i, kept in enumerate(routing.get("kept") or []):
+        for e in kept or []:
+            ax.add_patch(Rectangle((e - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.2))
+    fig.colorbar(image, ax=ax, label=f"share of routing slots ({routing.get('what', '')})")
     return _png(fig)

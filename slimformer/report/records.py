@@ -180,6 +180,20 @@ def _training(summary: dict) -> dict | None:
                    "heldout_after": _num(summary.get("heldout_after"))})
 
 
+def _routing(summary: dict, layers: dict) -> dict | None:
+    """Share of routing slots per expert per MoE block: a tuned model's (held-out) or what expert pruning counted."""
+    shares = _dict(summary.get("routing_shares")) or {n: _dict(v).get("frequency") for n, v in layers.items()}
+    rows = {str(n): [_num(x) for x in _list(v)] for n, v in shares.items() if _list(v)}
+    rows = {n: v for n, v in rows.items() if None not in v}
+    if not rows or len({len(v) for v in rows.values()}) != 1:
+        return None
+    names = sorted(rows, key=lambda n: [int(t) if t.isdigit() else t for t in n.split(".")])
+    kept = {n: _list(_dict(layers.get(n)).get("kept")) or None for n in names} if layers else {}
+    return _clean({"blocks": [next((t for t in n.split(".") if t.isdigit()), n) for n in names],
+                   "values": [rows[n] for n in names], "kept": [kept.get(n) for n in names] if kept else None,
+                   "what": "held-out windows after tuning" if summary.get("routing_shares") else "calibration tokens"})
+
+
 def _step(doc: dict, rel: str) -> dict | None:
     """One compression step of a ``slimformer.json``; None when it holds no figures."""
     record = StepRecord.from_dict(doc)
@@ -204,6 +218,7 @@ def _step(doc: dict, rel: str) -> dict | None:
         "mean_bits": _num(summary.get("mean_bits")),
         "block_scores": _block_scores(summary, config),
         "training": _training(summary),
+        "routing": _routing(summary, _dict(result.get("layers"))),
     })
     if not step:
         return None
