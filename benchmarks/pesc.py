@@ -47,7 +47,8 @@ def _score(loaded, args) -> dict:
     from slimformer.evaluation import evaluate_task, instruction_loss
     from slimformer.models.moe import parameter_counts
 
-    out = {"self_instruct": instruction_loss(loaded.model, loaded.tokenizer, "self-instruct", progress=False),
+    out = {"self_instruct": instruction_loss(loaded.model, loaded.tokenizer, "self-instruct", limit=args.si_limit,
+                                             progress=False),
            "params": parameter_counts(loaded.model)}
     if args.tasks:
         out["tasks"] = {t: evaluate_task(loaded.model, loaded.tokenizer, t, limit=args.limit, progress=False)
@@ -99,8 +100,9 @@ def tiny_moe(family: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
 
     torch.manual_seed(0)
+    # initializer_range 0.2: at the default 0.02 the experts' outputs are too small beside the residual to move the logits
     common = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, num_experts_per_tok=2)
+                  num_key_value_heads=2, num_experts_per_tok=2, initializer_range=0.2)
     config = MixtralConfig(**common, num_local_experts=6) if family == "mixtral" else \
         Qwen2MoeConfig(**common, num_experts=6, moe_intermediate_size=16, shared_expert_intermediate_size=32)
     return AutoModelForCausalLM.from_config(config).eval()
@@ -122,19 +124,19 @@ def experts(args) -> dict:
     methods = {"prune-frequency": lambda k: ExpertPruneConfig(keep=k),
                "prune-output": lambda k: ExpertPruneConfig(keep=k, criterion="output", max_tokens=2048),
                "merge": lambda k: ExpertMergeConfig(keep=k)}
-    out: dict = {"name": "experts", "camelidae": {}, "tiny": {}}
+    out: dict = {"name": "experts", "camelidae": {}, "tiny": {}, "sweep_limit": args.sweep_limit}
     folder = Path(args.store).expanduser() / "camelidae"
     if folder.exists():
         loaded = load_model(str(folder))
         samples = calibration_samples(loaded.tokenizer, "alpaca", n=16, seqlen=512, seed=0)
-        full = instruction_loss(loaded.model, loaded.tokenizer, progress=False)["loss"]
+        full = instruction_loss(loaded.model, loaded.tokenizer, limit=args.sweep_limit, progress=False)["loss"]
         out["camelidae"]["8"] = {m: full for m in methods}
         for keep in (6, 4, 2):
             row = {}
             for method, make in methods.items():
                 loaded = load_model(str(folder))
                 apply(loaded.adapter, make(keep), samples)
-                row[method] = instruction_loss(loaded.model, loaded.tokenizer, progress=False)["loss"]
+                row[method] = instruction_loss(loaded.model, loaded.tokenizer, limit=args.sweep_limit, progress=False)["loss"]
             out["camelidae"][str(keep)] = row
     from slimformer.models import get_adapter
 
@@ -227,10 +229,10 @@ def _rows(results: dict[str, dict]) -> list[tuple[str, str]]:
                     f"target ≤ 1.3×) · decode {m['decode_tok_s']:.1f} tokens/s ({m['decode_tok_s'] / base['decode_tok_s']:.2f}×)")
             rows.append((f"speed: {name}", text))
     if r := results.get("experts"):
-        for title, data in [("Camelidae self-instruct loss", r["camelidae"]),
+        for title, data in [(f"Camelidae self-instruct loss (first {r.get('sweep_limit')} examples)", r["camelidae"]),
                             *[(f"tiny {f} KL", d) for f, d in r["tiny"].items()]]:
             for keep in sorted(data, key=int, reverse=True):
-                rows.append((f"{title}, {keep} experts", " · ".join(f"{m} {v:.4f}" for m, v in data[keep].items())))
+                rows.append((f"{title}, {keep} experts", " · ".join(f"{m} {v:.4g}" for m, v in data[keep].items())))
         if plot := _plot(r):
             rows.append(("plot", f"![quality against experts kept]({plot})"))
     return rows
@@ -243,6 +245,9 @@ def main() -> None:
     parser.add_argument("--tasks", action="store_true", help="also PIQA, ARC-Easy and BoolQ")
     parser.add_argument("--limit", type=int, default=None, help="examples per task (default: full sets)")
     parser.add_argument("--repeats", type=int, default=5, help="speed: timed repeats per model")
+    parser.add_argument("--si-limit", type=int, default=None, help="self-instruct examples scored (default: all 252)")
+    parser.add_argument("--sweep-limit", type=int, default=100,
+                        help="self-instruct examples scored per point of the experts sweep")
     parser.add_argument("--store", default="~/.cache/slimformer/pesc-bench")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -252,7 +257,8 @@ def main() -> None:
     runs = [r for r in RUNS if r in args.only.split(",")] if args.only else RUNS
     path = RESULTS / "pesc_smollm2.json"
     results = {r["name"]: r for r in (json.loads(path.read_text())["runs"] if path.exists() else [])}
-    extra = ["--tokens", str(args.tokens), "--repeats", str(args.repeats), "--store", args.store]
+    extra = ["--tokens", str(args.tokens), "--repeats", str(args.repeats), "--store", args.store,
+             "--sweep-limit", str(args.sweep_limit)] + (["--si-limit", str(args.si_limit)] if args.si_limit else [])
     extra += (["--tasks"] if args.tasks else []) + (["--limit", str(args.limit)] if args.limit else [])
     for run in runs:  # written after every run: a long benchmark keeps what it measured
         start = time.perf_counter()

@@ -236,7 +236,7 @@ def add_recover_parser(sub, helps: dict[str, str]) -> None:
                    help=f"training text, not the evaluation text: {SOURCES_HELP}")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per training window")
     p.add_argument("--batch-size", type=int, default=4, help="windows per optimiser step")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-5; 2e-4 with LoRA)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-targets", nargs="*", default=[], help="projection roles (q k v o gate up down); default all")
