@@ -315,3 +315,18 @@ def test_instruction_loss_is_the_mean_response_token_loss(tmp_path):
             count += n
     assert got["examples"] == 5 and got["tokens"] == count
     assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_instruct_over_a_quantized_base_keeps_it_quantized_and_upcycling_it_is_refused():
+    from slimformer.methods import RTNConfig
+    from slimformer.models.quantized import is_quantized
+
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    apply(adapter, RTNConfig(bits=4, group_size=16), None)
+    samples = tokenize_instructions(tiny_tokenizer(), _examples(400))
+    s = apply(adapter, InstructConfig(tokens=6000, seqlen=32, batch_size=4, heldout=8, eval_every=10, lr=1e-2,
+                                      patience=0), samples).summary
+    assert is_quantized(adapter.model) and s["heldout_requantized"] < s["heldout_before"] - 0.3
+    with pytest.raises(SlimformerError, match="upcycle before quantizing"):
+        apply(adapter, UpcycleConfig(), None)

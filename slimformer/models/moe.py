@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from slimformer.errors import SlimformerError
+from slimformer.models.quantized import is_quantized
 from slimformer.models import pesc_modeling
 from slimformer.models.pesc_modeling import (MODEL_TYPE, PescConfig, PescForCausalLM, PescMLP, balancing_loss,
                                              router_losses)
@@ -57,6 +58,8 @@ def upcycle(model: PreTrainedModel, *, experts: int = 8, top_k: int = 2, adapter
     config = model.config
     if is_pesc(model):
         raise SlimformerError("the model is already a mixture of adapter experts")
+    if is_quantized(model):
+        raise SlimformerError("upcycle before quantizing: the experts share the FFN's float weights")
     blocks = model.base_model.layers if hasattr(model.base_model, "layers") else None
     if blocks is None or not all(hasattr(b, "mlp") and all(hasattr(b.mlp, a) for a in GATED) for b in blocks):
         raise SlimformerError(f"PESC upcycles gated FFNs (gate/up/down projections, as in Llama, Mistral, Qwen2, "
@@ -110,6 +113,8 @@ def upcycle_qwen2_moe(model: PreTrainedModel, *, experts: int = 8, top_k: int = 
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     c = model.config
+    if is_quantized(model):
+        raise SlimformerError("upcycle before quantizing: the shared expert takes the FFN's float weights")
     if c.model_type not in QWEN2_MOE_SOURCES:
         raise SlimformerError(f"the Qwen2-MoE layout reproduces {', '.join(QWEN2_MOE_SOURCES)} blocks exactly; "
                               f"{c.model_type} differs (use the PESC layout)")
