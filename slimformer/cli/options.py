@@ -262,6 +262,9 @@ def add_upcycle_parser(sub, helps: dict[str, str]) -> None:
     """``upcycle``: a dense decoder into a mixture of adapter experts (PESC), optionally instruction-tuned."""
     p = sub.add_parser("upcycle", help=helps["upcycle"])
     add_model_args(p)
+    p.add_argument("--layout", default="pesc", choices=["pesc", "qwen2_moe"],
+                   help="pesc: adapter experts over the shared FFN (own model class); qwen2_moe: the same idea as a "
+                        "stock Qwen2-MoE model (shared expert + small routed SwiGLU experts)")
     p.add_argument("--experts", type=int, default=8, help="adapter experts per upcycled FFN")
     p.add_argument("--top-k", type=int, default=2, help="experts each token is routed to")
     p.add_argument("--adapter-dim", type=int, default=None, help="adapter width (default: hidden size / 8)")

@@ -242,22 +242,22 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     from slimformer.methods import InstructConfig, UpcycleConfig
     from slimformer.models.moe import export_remote_code
 
-    config = UpcycleConfig(experts=args.experts, top_k=args.top_k, adapter_dim=args.adapter_dim, layers=args.layers,
-                           aux_loss=args.aux_loss, z_loss=args.z_loss, seed=args.seed)
+    config = UpcycleConfig(layout=args.layout, experts=args.experts, top_k=args.top_k, adapter_dim=args.adapter_dim,
+                           layers=args.layers, aux_loss=args.aux_loss, z_loss=args.z_loss, seed=args.seed)
     tune = (InstructConfig(data=args.data, tokens=args.instruct_tokens, lora_rank=args.lora_rank, lr=args.lr,
                            seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed, device=args.device),) \
         if args.instruct_tokens else ()
     if tune:
         instruction_examples(args.data)  # missing instruction data fails before any model loads
     summary, result, found, console = _run_one_step(args, config, *tune, calib=False)
-    console.print(f"pesc: {found['upcycled_blocks']} blocks × {found['experts']} experts (top-{found['top_k']}, adapter "
-                  f"width {found['adapter_dim']}): {found['params']:,} parameters, {found['activated_params']:,} "
-                  f"activated per token (dense {found['dense_params']:,})")
+    console.print(f"pesc ({found['layout']}): {found['upcycled_blocks']} blocks × {found['experts']} experts "
+                  f"(top-{found['top_k']}, width {found['adapter_dim']}): {found['params']:,} parameters, "
+                  f"{found['activated_params']:,} activated per token (dense {found['dense_params']:,})")
     if tune:
         t = summary["steps"][1]["result"]["summary"]
         console.print(f"instruct: {t['steps']} steps, {t['tokens']:,} tokens at {t['tokens_per_s']:.0f} tokens/s; "
                       f"held-out response loss {t['heldout_before']:.3f} → {t['heldout_after']:.3f}")
-    if args.export_remote_code:
+    if args.export_remote_code and args.layout == "pesc":  # a Qwen2-MoE model needs no code of its own
         export_remote_code(args.out)
     _print_outcome(console, summary, args)
     return 0
