@@ -330,3 +330,14 @@ def test_instruct_over_a_quantized_base_keeps_it_quantized_and_upcycling_it_is_r
     assert is_quantized(adapter.model) and s["heldout_requantized"] < s["heldout_before"] - 0.3
     with pytest.raises(SlimformerError, match="upcycle before quantizing"):
         apply(adapter, UpcycleConfig(), None)
+
+
+def test_upcycle_command_writes_a_stock_qwen2_moe(saved_tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = saved_tiny
+    out = tmp_path / "q"
+    assert main(["upcycle", str(path), "--layout", "qwen2_moe", "--experts", "4", "--adapter-dim", "8",
+                 "--ppl-windows", "0", "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)  # stock transformers, no remote code
+    assert type(model).__name__ == "Qwen2MoeForCausalLM" and model.config.num_experts == 4
