@@ -124,7 +124,7 @@ def test_save_load_round_trip_and_remote_code(tmp_path):
             f"print(type(m).__name__, repr(m(ids).logits.flatten().tolist()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 1)
     assert out[0] == "PescForCausalLM"
-    assert torch.equal(torch.tensor(eval(out[1])).reshape(expected.shape), expected)
+    assert_close_scaled(torch.tensor(eval(out[1])).reshape(expected.shape), expected)  # another process: its own threads
 
 
 @pytest.mark.parametrize("kwargs, message", [

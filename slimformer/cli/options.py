@@ -151,7 +151,7 @@ def add_prune_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--percdamp", type=float, default=0.01, help="sparsegpt: dampening, fraction of mean diag(H)")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="fine-tuning steps after pruning, pruned weights kept at zero (see `recover` for more)")
-    p.add_argument("--finetune-lr", type=float, default=5e-5)
+    p.add_argument("--finetune-lr", type=float, default=2e-4)
     p.add_argument("--finetune-seqlen", type=int, default=512, help="tokens per fine-tuning window")
     p.add_argument("--finetune-data", default="wikitext2:valid+alpaca", help=f"fine-tuning text: {SOURCES_HELP}")
     p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
