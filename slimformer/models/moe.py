@@ -47,6 +47,26 @@ def pesc_layers(model: torch.nn.Module) -> dict[str, PescMLP]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PescMLP)}
 
 
+def _check_shape(experts: int, top_k: int, width: int, layers: list[int] | None, n: int, what: str) -> None:
+    """Refuse an expert count, top-k, expert width or block list no upcycling can use."""
+    if experts < 1 or not 1 <= top_k <= experts:
+        raise SlimformerError(f"top_k must be between 1 and the number of experts ({experts}), not {top_k}")
+    if width < 1:
+        raise SlimformerError(f"{what} width must be at least 1, not {width}")
+    if layers is not None and (not layers or any(not 0 <= i < n for i in layers)):
+        raise SlimformerError(f"layers must be block indices in [0, {n}), not {layers}")
+
+
+def _load_dense(out: PreTrainedModel, state: dict, new: tuple[str, ...], what: str) -> None:
+    """Load the dense weights ``state`` into the upcycled ``out``; only parameters named by ``new`` (and a tied head) may be missing."""
+    missing, unexpected = out.load_state_dict(state, strict=False)
+    fresh = [k for k in missing if not any(s in k for s in new) and k != "lm_head.weight"]
+    if unexpected or fresh:
+        raise SlimformerError(f"cannot upcycle {what}: weights do not match "
+                              f"(missing {fresh[:3]}, unexpected {unexpected[:3]})")
+    out.tie_weights()
+
+
 def upcycle(model: PreTrainedModel, *, experts: int = 8, top_k: int = 2, adapter_dim: int | None = None,
             layers: list[int] | None = None, adapter_act: str = "silu", aux_loss: float = 0.01, z_loss: float = 0.0,
             seed: int = 0) -> PescForCausalLM:
@@ -67,24 +87,13 @@ def upcycle(model: PreTrainedModel, *, experts: int = 8, top_k: int = 2, adapter
     if getattr(config, "slimformer_layer_shapes", None):
         raise SlimformerError("PESC needs blocks of one shape; this model's blocks were pruned to different widths")
     adapter_dim = config.hidden_size // 8 if adapter_dim is None else adapter_dim
-    if experts < 1 or not 1 <= top_k <= experts:
-        raise SlimformerError(f"top_k must be between 1 and the number of experts ({experts}), not {top_k}")
-    if adapter_dim < 1:
-        raise SlimformerError(f"adapter width must be at least 1, not {adapter_dim}")
-    n = len(blocks)
-    if layers is not None and (not layers or any(not 0 <= i < n for i in layers)):
-        raise SlimformerError(f"layers must be block indices in [0, {n}), not {layers}")
+    _check_shape(experts, top_k, adapter_dim, layers, len(blocks), "adapter")
     pesc = PescConfig.from_dense(config, num_experts=experts, num_experts_per_tok=top_k, adapter_dim=adapter_dim,
                                  adapter_act=adapter_act, moe_layers=sorted(set(layers)) if layers is not None else None,
                                  router_aux_loss_coef=aux_loss, router_z_loss_coef=z_loss)
     dtype = next(model.parameters()).dtype
     out = PescForCausalLM(pesc).to(dtype)
-    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
-    fresh = [k for k in missing if ".router." not in k and ".experts." not in k and k != "lm_head.weight"]
-    if unexpected or fresh:
-        raise SlimformerError(f"cannot upcycle {config.model_type}: weights do not match "
-                              f"(missing {fresh[:3]}, unexpected {unexpected[:3]})")
-    out.tie_weights()
+    _load_dense(out, model.state_dict(), (".router.", ".experts."), config.model_type)
     generator = torch.Generator().manual_seed(seed)
     std = getattr(config, "initializer_range", 0.02)
     with torch.no_grad():
@@ -125,12 +134,7 @@ def upcycle_qwen2_moe(model: PreTrainedModel, *, experts: int = 8, top_k: int = 
         raise SlimformerError("Qwen2-MoE has no bias on o_proj or the FFN; this model has one")
     expert_dim = c.hidden_size // 8 if expert_dim is None else expert_dim
     n = len(blocks)
-    if experts < 1 or not 1 <= top_k <= experts:
-        raise SlimformerError(f"top_k must be between 1 and the number of experts ({experts}), not {top_k}")
-    if expert_dim < 1:
-        raise SlimformerError(f"expert width must be at least 1, not {expert_dim}")
-    if layers is not None and (not layers or any(not 0 <= i < n for i in layers)):
-        raise SlimformerError(f"layers must be block indices in [0, {n}), not {layers}")
+    _check_shape(experts, top_k, expert_dim, layers, n, "expert")
     chosen = set(range(n) if layers is None else layers)
     fields = {k: getattr(c, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                          "num_attention_heads", "num_key_value_heads", "hidden_act",
@@ -156,13 +160,7 @@ def upcycle_qwen2_moe(model: PreTrainedModel, *, experts: int = 8, top_k: int = 
             value = value * 2 if parts[4] == "down_proj" else value  # undoes the shared gate's sigmoid(0) = 0.5
         state[key] = value
     out = Qwen2MoeForCausalLM(config).to(next(model.parameters()).dtype)
-    missing, unexpected = out.load_state_dict(state, strict=False)
-    fresh = [k for k in missing if not any(s in k for s in (".mlp.gate.", ".mlp.experts.", "shared_expert_gate"))
-             and k != "lm_head.weight"]
-    if unexpected or fresh:
-        raise SlimformerError(f"cannot upcycle {c.model_type} into Qwen2-MoE: weights do not match "
-                              f"(missing {fresh[:3]}, unexpected {unexpected[:3]})")
-    out.tie_weights()
+    _load_dense(out, state, (".mlp.gate.", ".mlp.experts.", "shared_expert_gate"), f"{c.model_type} into Qwen2-MoE")
     generator = torch.Generator().manual_seed(seed)
     std = getattr(c, "initializer_range", 0.02)
     with torch.no_grad():
