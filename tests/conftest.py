@@ -144,3 +144,19 @@ def assert_ppl_close(actual: float, expected: float, nll_atol: float = TINY_REL)
     import math
 
     assert abs(math.log(actual) - math.log(expected)) <= nll_atol, f"perplexity {actual} != {expected} (±{nll_atol} nats)"
+
+
+def bpe_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style, the kind GGUF stores with merges) trained on a fixed text, seeded."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    text = [f"the {w} of the model is {i} and the {w}s are small" for i, w in
+            enumerate(["block", "head", "weight", "layer", "token", "expert", "window", "cache"] * 8)]
+    tok.train_from_iterator(text, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")

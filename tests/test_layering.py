@@ -8,7 +8,7 @@ LAYERS = {  # top-level module or package -> layer
     "errors": 0, "machine": 0, "files": 0, "records": 0,
     "models": 1, "data": 1,
     "calibration": 2,
-    "methods": 3, "evaluation": 3, "search": 3,
+    "methods": 3, "evaluation": 3, "search": 3, "export": 3,
     "report": 4, "recipes": 4,
     "cli": 5,
 }

@@ -287,6 +287,21 @@ def add_upcycle_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 
+def add_export_parser(sub, helps: dict[str, str]) -> None:
+    """``export``: a model as GGUF for llama.cpp, or as a compressed-tensors checkpoint for vLLM."""
+    p = sub.add_parser("export", help=helps["export"])
+    add_model_args(p)
+    p.add_argument("--format", default="gguf", choices=["gguf", "compressed-tensors"])
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
+                   help="gguf: the type of float weights; weights quantized by slimformer as int8/int4 in groups of 32 "
+                        "keep their codes (Q8_0 / Q4_0 / Q4_1) whatever this says")
+    p.add_argument("--check", action="store_true",
+                   help="gguf: load the file in llama.cpp (xllamacpp) and compare its greedy continuation of a prompt "
+                        "with transformers'; compressed-tensors: decompress with ModelCompressor and compare weights")
+    p.add_argument("--out", required=True, help="the .gguf file, or the checkpoint folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
 def add_experts_parser(sub, helps: dict[str, str]) -> None:
     """``experts``: fewer experts in a MoE model (PESC, Mixtral, Qwen-MoE, OLMoE) by pruning or merging."""
     p = sub.add_parser("experts", help=helps["experts"])

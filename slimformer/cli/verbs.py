@@ -277,6 +277,64 @@ def cmd_experts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a model for a serving runtime: GGUF (llama.cpp) or compressed-tensors (vLLM); --check runs it there."""
+    from rich.console import Console
+
+    from slimformer.models import load_model, save_model
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:  # before the model loads: a refused run costs nothing
+        raise SlimformerError(f"output '{out}' exists; choose another path or pass --overwrite")
+    if args.format == "gguf" and out.suffix != ".gguf":
+        raise SlimformerError(f"a GGUF output is one file ending in .gguf, not '{out}'")
+    console = Console()
+    loaded = load_model(args.model, dtype="float32", device="cpu", trust_remote_code=args.trust_remote_code)
+    if args.format == "compressed-tensors":
+        from slimformer.export import decompress_with_compressed_tensors
+        from slimformer.models.quantized import quantized_modules
+
+        modules = quantized_modules(loaded.model)
+        if not modules:
+            raise SlimformerError("compressed-tensors export is for quantized models; this one has no quantized "
+                                  "layers (quantize it first, or save it as it is: it is already a plain checkpoint)")
+        save_model(loaded.model, loaded.tokenizer, out, overwrite=args.overwrite)
+        console.print(f"wrote {out} (compressed-tensors, {len(modules)} quantized layers)")
+        if args.check:
+            state = decompress_with_compressed_tensors(out)
+            worst = max((state[f"{n}.weight"].float() - m.dequantized()).abs().max().item() for n, m in modules.items())
+            console.print(f"ModelCompressor decompressed {len(modules)} layers; largest difference from slimformer's "
+                          f"weights {worst:.3g}")
+            if worst:
+                raise SlimformerError("compressed-tensors decompressed different weights than slimformer wrote")
+        return 0
+    from slimformer.export import export_gguf
+
+    written = export_gguf(loaded, out, args.type, overwrite=args.overwrite)
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(written["tensors"].items()))
+    console.print(f"wrote {out} ({written['architecture']}, {written['bytes'] / 2**20:.1f} MiB): {kinds}; "
+                  f"{written['quantized_kept']} slimformer-quantized weights kept exactly, "
+                  f"{written['quantized_requantized']} rounded again")
+    if args.check:
+        _check_gguf(loaded, out, console)
+    return 0
+def _check_gguf(loaded, path, console) -> None:
+    """Greedy continuations of one prompt by llama.cpp (the file) and transformers (the model), side by side."""
+    import torch
+
+    from slimformer.export.llamacpp import LlamaCpp
+
+    prompt = "The capital of France is"
+    ids = loaded.tokenizer(prompt)["input_ids"]
+    tokens, speed = LlamaCpp(path, n_ctx=256).generate(ids, 16)
+    with torch.no_grad():
+        ref = loaded.model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    same = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), len(ref))
+    console.print(f"llama.cpp:    {prompt}[bold]{loaded.tokenizer.decode(tokens)}[/] ({speed:.1f} tokens/s)")
+    console.print(f"transformers: {prompt}[bold]{loaded.tokenizer.decode(ref)}[/]")
+    console.print(f"first {same} of {len(ref)} greedy tokens agree")
+
+
 def cmd_remove_blocks(args: argparse.Namespace) -> int:
     """Remove whole blocks (SLEB, its one-shot variant, or block influence) and save the shallower model."""
     from rich.console import Console

@@ -82,16 +82,25 @@ def qparams(w: torch.Tensor, scheme: QuantScheme, shrink: torch.Tensor | float =
     w = w.float()
     levels = float(scheme.qmax - scheme.qmin)
     if scheme.symmetric:
-        scale = w.abs().amax(1) * shrink / (levels / 2)
+        scale = _half(w.abs().amax(1) * shrink / (levels / 2))
         zero = torch.zeros_like(scale)
     else:
         lo = w.amin(1).clamp(max=0) * shrink
         hi = w.amax(1).clamp(min=0) * shrink
-        scale = (hi - lo) / levels
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = (scheme.qmin - torch.round(lo / safe)).clamp(scheme.qmin, scheme.qmax)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale reproduces it
+        scale = _half((hi - lo) / levels)
+        zero = (scheme.qmin - torch.round(lo / scale)).clamp(scheme.qmin, scheme.qmax)
     return scale, zero
+
+
+def _half(scale: torch.Tensor) -> torch.Tensor:
+    """Scales rounded to float16 values (kept in float32), positive.
+
+    Float16 is how GGUF blocks and half-precision checkpoints store a scale; codes computed against
+    the rounded scale make those formats hold exactly what was computed. An all-zero row (or one
+    below float16's range) gets scale 1, which reproduces its zeros.
+    """
+    scale = scale.to(torch.float16).float()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
