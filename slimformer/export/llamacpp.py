@@ -3,13 +3,15 @@
 ``xllamacpp`` is an optional extra (``pip install 'slimformer[llamacpp]'``): a prebuilt wheel of
 llama.cpp's server, driven in-process. Its completion endpoint reports log-probabilities of the
 tokens it generates, computed from the raw logits (before any sampler); it does not report them for
-prompt tokens, so whole-text perplexity uses the embedding endpoint instead, which returns
-llama.cpp's final (normed) hidden state of every position; see :meth:`LlamaCpp.hidden_states`.
+prompt tokens, so whole-text perplexity uses the server's native embedding endpoint instead, which
+returns llama.cpp's final (normed) hidden state of every position; the output layer is then one
+matrix product with the file's own output weights (see :meth:`LlamaCpp.hidden_states`).
 """
 
 from __future__ import annotations
 
-import time
+import json
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -91,10 +93,13 @@ class LlamaCpp:
         """llama.cpp's final hidden state (after the output norm, before the output layer) of every position."""
         if not self.embeddings:
             raise SlimformerError("hidden states need a LlamaCpp opened with embeddings=True")
-        start = time.perf_counter()
-        result = self.server.handle_embeddings({"content": list(ids)})
-        if "error" in result:
+        # The binding's embeddings call is the OpenAI-style endpoint, which refuses per-token output; the server's
+        # native /embedding endpoint (on the address the binding listens on) returns it.
+        request = urllib.request.Request(self.server.listening_address.rstrip("/") + "/embedding",
+                                         data=json.dumps({"content": list(ids)}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as response:
+            result = json.loads(response.read())
+        if isinstance(result, dict) and "error" in result:
             raise SlimformerError(f"llama.cpp: {result['error']}")
-        data = result[0]["embedding"] if isinstance(result, list) else result["data"][0]["embedding"]
-        self.last_seconds = time.perf_counter() - start
-        return np.asarray(data, dtype=np.float32)
+        return np.asarray(result[0]["embedding"], dtype=np.float32)
