@@ -192,3 +192,35 @@ def test_cli_export_writes_a_gguf_llama_cpp_generates_from(tmp_path, capsys):
     assert main(["export", str(src), "--type", "q8_0", "--out", str(tmp_path / "m.gguf"), "--check"]) == 0
     out = capsys.readouterr().out
     assert "wrote" in out and "greedy tokens agree" in out and (tmp_path / "m.gguf").stat().st_size > 0
+
+
+@needs_llamacpp
+def test_uniformly_width_pruned_model_exports_and_runs(tmp_path):
+    model = gguf_model("qwen2")
+    adapter = get_adapter(model)
+    for block in adapter.blocks:
+        shrink_neurons(adapter, block, list(range(0, 128, 2)))  # 64 of 128 units in every block: one width
+    from slimformer.models.surgery import sync_config_shapes
+    sync_config_shapes(adapter)
+    assert model.config.intermediate_size == 64
+    export_gguf((model, bpe_tokenizer()), tmp_path / "w.gguf", "f32")
+    assert llamacpp_gap(tmp_path / "w.gguf", model) <= F32_TOL["qwen2"]
+
+
+@needs_llamacpp
+@pytest.mark.integration
+def test_smollm2_runs_in_llama_cpp_as_exported(tmp_path):
+    from slimformer import load_model
+    from slimformer.data import load_text, tokenize
+
+    smollm = load_model("smollm2-135m")
+    written = export_gguf(smollm, tmp_path / "s.gguf", "f16")  # 30 blocks, 9 heads / 3 KV heads, tied head
+    assert written["architecture"] == "llama" and "output.weight" not in {
+        t.name for t in gguf.GGUFReader(tmp_path / "s.gguf").tensors}
+    ids = tokenize(smollm.tokenizer, load_text("wikitext2:test"))[0, :128].tolist()
+    with torch.no_grad():
+        ref = torch.log_softmax(smollm.model(torch.tensor([ids])).logits[0, -1].double(), -1)
+    got = runtime.LlamaCpp(tmp_path / "s.gguf", n_ctx=256).next_token_logprobs(ids, 20)
+    # float16 weights and KV cache against float32: hundredths of a nat; a wrong rotary layout moves nats
+    assert max(abs(lp - ref[i].item()) for i, lp in got.items()) <= 0.05
+    assert len(set(got) & set(ref.topk(20).indices.tolist())) >= 18  # the same likely tokens (ties may swap at the edge)
