@@ -224,3 +224,15 @@ def test_smollm2_runs_in_llama_cpp_as_exported(tmp_path):
     # float16 weights and KV cache against float32: hundredths of a nat; a wrong rotary layout moves nats
     assert max(abs(lp - ref[i].item()) for i, lp in got.items()) <= 0.05
     assert len(set(got) & set(ref.topk(20).indices.tolist())) >= 18  # the same likely tokens (ties may swap at the edge)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_tied_quantized_head_is_written_once(family, tmp_path):
+    config = GGUF_CONFIGS[family]()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    apply(get_adapter(model), RTNConfig(bits=8, group_size=32, head=True, embedding=True, head_bits=8))
+    export_gguf((model, bpe_tokenizer()), tmp_path / "t.gguf", "f16")
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "t.gguf").tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names

@@ -218,20 +218,29 @@ def _vocab(w: gguf.GGUFWriter, tokenizer, vocab_size: int) -> None:
 
 
 def _weights(adapter: Adapter) -> dict[str, torch.Tensor | QuantizedWeight]:
-    """Every tensor to write, by its transformers name: float tensors, or the quantized weights as they are."""
+    """Every tensor to write, by its transformers name: float tensors, or the quantized weights as they are.
+
+    The output weight is left out when it is the embedding's (tied, or a quantized pair sharing one table
+    of codes): llama.cpp then uses ``token_embd`` for both.
+    """
     model = adapter.model
     quantized = quantized_modules(model)
     out: dict[str, torch.Tensor | QuantizedWeight] = {}
     for name, module in quantized.items():
         out[f"{name}.weight"] = module.quantized_weight()
-    tied = getattr(adapter.config, "tie_word_embeddings", False)
     for name, tensor in model.state_dict().items():
         module_name = name.rpartition(".")[0]
         if module_name in quantized and not name.endswith(".bias"):
             continue
-        if tied and name == "lm_head.weight":
-            continue
-        out[name] = tensor.detach()
+        out.setdefault(name, tensor.detach())
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    head_name = next((n for n, m in model.named_modules() if m is head), None)
+    embed_name = next((n for n, m in model.named_modules() if m is embed), None)
+    if head_name and embed_name and f"{head_name}.weight" in out:
+        a, b = out[f"{head_name}.weight"], out[f"{embed_name}.weight"]
+        a, b = (a.codes, b.codes) if isinstance(a, QuantizedWeight) and isinstance(b, QuantizedWeight) else (a, b)
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr():
+            del out[f"{head_name}.weight"]
     return out
 
 
