@@ -3,7 +3,8 @@
 Starting points (each built once and kept under ``--store``): SLEB 6/30 (the blocks SLEB
 chose in ``block_removal_smollm2_sleb_6``: 12, 13, 14, 17, 25, 26; ``--search-sleb`` searches
 again), SparseGPT 2:4 and Wanda 2:4 (32 × 2048 calibration tokens of WikiText-2 valid, seed 0),
-GPTQ int4 g64 (act-order). Each recovery run trains on ``wikitext2:valid+alpaca`` (windows of
+GPTQ int4 g64 (act-order). Methods: ``ce`` (fine-tuning), ``kd`` (distillation), ``kd+ce`` (both losses,
+equal weights), ``kd+lora`` (distillation into LoRA adapters, merged). Each recovery run trains on ``wikitext2:valid+alpaca`` (windows of
 512, batch 4, 16 held-out windows scored every 10 steps, early stopping) with the original
 model as teacher, then measures perplexity on the first 40 windows of WikiText-2 test and,
 with ``--tasks``, PIQA and ARC-Easy accuracy (full sets unless ``--limit``). ``hf-loop`` times
@@ -27,7 +28,7 @@ import torch
 from common import RESULTS, run_children, write_result
 
 STARTS = ("sleb6", "sparsegpt24", "wanda24", "gptq4g64")
-METHODS = ("none", "ce", "kd", "kd+lora")
+METHODS = ("none", "ce", "kd", "kd+ce", "kd+lora")
 RUNS = ["hf-loop"] + [f"{s}:{m}" for s in STARTS for m in METHODS]
 SLEB_6 = [12, 13, 14, 17, 25, 26]
 DENSE_PPL = 20.38  # the dense model on the same 40 windows (benchmarks/results/dense_smollm2.md)
@@ -71,6 +72,8 @@ def recovery_config(method: str, tokens: int, lr: float | None = None):
         return FinetuneConfig(tokens=tokens, **extra)
     if method == "kd":
         return DistillConfig(tokens=tokens, teacher="smollm2-135m", **extra)
+    if method == "kd+ce":  # distillation plus the labels' cross-entropy, equal weights
+        return DistillConfig(tokens=tokens, teacher="smollm2-135m", ce_weight=1.0, **extra)
     return LoRAConfig(tokens=tokens, teacher="smollm2-135m", kd_weight=1.0, ce_weight=0.0, **extra)
 
 
