@@ -11,10 +11,15 @@ greedy decode tokens/s (128 tokens after a 16-token prompt, median of ``--repeat
 - ``sleb6-f16``: SLEB 6/30 (the blocks of ``block_removal_smollm2_sleb_6``), float16;
 - ``gptq4g32-q4_0``: slimformer GPTQ int4, symmetric, groups of 32 (32 × 2048 WikiText-2 valid calibration
   windows, seed 0), written code for code as Q4_0; the float embedding (also the output layer) as Q8_0;
+- ``gptq4g32mse-q4_0``: the same with each group's range clipped to the value that minimises its rounding
+  error (``mse``, the GPTQ quantizer's grid search) before the codes are chosen;
 - ``rtn-q4_0``: the dense model rounded to nearest Q4_0 by gguf-py's quantizer (bit-exact with llama.cpp's
   reference), with the same Q8_0 embedding: what llama.cpp's own quantizer makes of it.
 
-    python benchmarks/export.py [--windows 40] [--only dense-f16,sleb6-f16,gptq4g32-q4_0,rtn-q4_0]
+``speed`` measures the decode tokens/s of every file written so far again, side by side in one process
+(the models interleaved, median of ``--repeats``), which the per-run figures are not.
+
+    python benchmarks/export.py [--windows 40] [--only dense-f16,sleb6-f16,gptq4g32-q4_0,gptq4g32mse-q4_0,rtn-q4_0,speed]
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import torch
 
 from common import RESULTS, write_result
 
-RUNS = ["dense-f16", "sleb6-f16", "gptq4g32-q4_0", "rtn-q4_0"]
+RUNS = ["dense-f16", "sleb6-f16", "gptq4g32-q4_0", "gptq4g32mse-q4_0", "rtn-q4_0", "speed"]
 SEQLEN = 2048
 
 
@@ -47,11 +52,12 @@ def build(name: str, store: Path):
         return load_model("smollm2-135m"), name.split("-")[1]
     if name == "sleb6-f16":
         return start_model("sleb6", store.parent / "recovery-starts", search_sleb=False)[0], "f16"
-    folder = store / "gptq4g32"
+    mse = name.startswith("gptq4g32mse")
+    folder = store / ("gptq4g32mse" if mse else "gptq4g32")
     if not folder.exists():
         loaded = load_model("smollm2-135m")
         samples = calibration_samples(loaded.tokenizer, "wikitext2:valid", n=32, seqlen=SEQLEN, seed=0)
-        apply(loaded.adapter, GPTQConfig(bits=4, group_size=32), samples)
+        apply(loaded.adapter, GPTQConfig(bits=4, group_size=32, mse=mse), samples)
         save_model(loaded.model, loaded.tokenizer, folder)
     return load_model(str(folder)), "q4_0"
 
@@ -76,8 +82,26 @@ def window_nll(hidden: np.ndarray, head: torch.Tensor, window: torch.Tensor, chu
     return total / (h.shape[0] - 1)
 
 
+def speed(args) -> dict:
+    """Decode tokens/s of every GGUF in the store, the models interleaved in each of ``--repeats`` rounds."""
+    from slimformer.export.llamacpp import LlamaCpp
+
+    store = Path(args.store).expanduser()
+    files = {n: store / f"{n}.gguf" for n in RUNS if (store / f"{n}.gguf").exists()}
+    servers = {n: LlamaCpp(p, n_ctx=512, threads=2) for n, p in files.items()}
+    prompt = list(range(1000, 1016))
+    runs: dict[str, list[float]] = {n: [] for n in servers}
+    for _ in range(args.repeats):
+        for n, server in servers.items():
+            runs[n].append(server.generate(prompt, 128)[1])
+    return {"name": "speed", "repeats": args.repeats, "decode_tok_s": {n: statistics.median(v) for n, v in runs.items()},
+            "decode_runs": runs}
+
+
 def one_run(name: str, args) -> dict:
     """Export, then score in llama.cpp and in transformers, then time llama.cpp's decoding."""
+    if name == "speed":
+        return speed(args)
     from slimformer.data import cut_windows, load_text, tokenize
     from slimformer.evaluation import perplexity
     from slimformer.export import export_gguf
@@ -125,7 +149,7 @@ def _rows(results: dict) -> list[tuple[str, str]]:
     rows = []
     dense = results.get("dense-f16")
     for name in RUNS:
-        if (r := results.get(name)) is None:
+        if (r := results.get(name)) is None or name == "speed":
             continue
         text = (f"{r['blocks']} blocks · {r['gguf_bytes'] / 2**20:.1f} MiB GGUF · llama.cpp ppl {r['ppl_llamacpp']:.2f} "
                 f"({r['windows']} windows)")
@@ -136,11 +160,17 @@ def _rows(results: dict) -> list[tuple[str, str]]:
             text += f" ({r['decode_tok_s'] / dense['decode_tok_s']:.2f}× dense f16)"
         text += f" · head check {r['head_check_max_abs_logprob_diff']:.1e} nats"
         rows.append((name, text))
-    if (g := results.get("gptq4g32-q4_0")) and (q := results.get("rtn-q4_0")):
-        rows.append(("GPTQ → Q4_0 against round-to-nearest Q4_0",
-                     f"ppl ratio {g['ppl_llamacpp'] / q['ppl_llamacpp']:.3f} ({g['ppl_llamacpp']:.2f} vs "
-                     f"{q['ppl_llamacpp']:.2f}), same file size {g['gguf_bytes'] / 2**20:.1f} vs "
-                     f"{q['gguf_bytes'] / 2**20:.1f} MiB"))
+    for gptq in ("gptq4g32-q4_0", "gptq4g32mse-q4_0"):
+        if (g := results.get(gptq)) and (q := results.get("rtn-q4_0")):
+            rows.append((f"{gptq} against round-to-nearest Q4_0",
+                         f"ppl ratio {g['ppl_llamacpp'] / q['ppl_llamacpp']:.3f} ({g['ppl_llamacpp']:.2f} vs "
+                         f"{q['ppl_llamacpp']:.2f}), file size {g['gguf_bytes'] / 2**20:.1f} vs "
+                         f"{q['gguf_bytes'] / 2**20:.1f} MiB"))
+    if sp := results.get("speed"):
+        base = sp["decode_tok_s"].get("dense-f16")
+        rows.append((f"decode side by side ({sp['repeats']} interleaved rounds, 128 tokens)", " · ".join(
+            f"{n} {v:.1f} tok/s" + (f" ({v / base:.2f}×)" if base and n != "dense-f16" else "")
+            for n, v in sp["decode_tok_s"].items())))
     return rows
 
 
