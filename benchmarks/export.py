@@ -118,10 +118,12 @@ def one_run(name: str, args) -> dict:
 
     runtime = LlamaCpp(path, n_ctx=SEQLEN, threads=2, embeddings=True)
     start, nlls = time.perf_counter(), []
-    for w in windows:
-        nlls.append(window_nll(runtime.hidden_states(w.tolist()), head, w))
+    for i, w in enumerate(windows):
+        hidden = runtime.hidden_states(w.tolist())
+        if i == 0:
+            first_hidden = hidden[100]  # causal: the state at position 100 is that of the 101-token prefix
+        nlls.append(window_nll(hidden, head, w))
     llamacpp_s = time.perf_counter() - start
-    first_hidden = runtime.hidden_states(windows[0, :101].tolist())[-1]
     del runtime
 
     generator = LlamaCpp(path, n_ctx=SEQLEN, threads=2)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -36,9 +35,11 @@ import torch
 from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
 from slimformer.errors import SlimformerError
+from slimformer.files import atomic_path
 from slimformer.models.adapters import Adapter, get_adapter
 from slimformer.models.quantized import quantized_modules
 from slimformer.models.quantizer import QuantizedWeight
+from slimformer.models.surgery import head_dim
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,9 @@ def check_exportable(adapter: Adapter) -> gguf.MODEL_ARCH:
     if rope["rope_type"] not in ("default", "linear"):
         raise SlimformerError(f"GGUF export supports default and linear RoPE, not '{rope['rope_type']}'")
     if family in ("gemma2", "gemma3"):
-        head_dim = config.head_dim
-        if config.query_pre_attn_scalar != head_dim:
-            raise SlimformerError(f"llama.cpp's {family} scales attention by 1/sqrt(head_dim = {head_dim}); this "
+        width = head_dim(adapter)
+        if config.query_pre_attn_scalar != width:
+            raise SlimformerError(f"llama.cpp's {family} scales attention by 1/sqrt(head_dim = {width}); this "
                                   f"model's query_pre_attn_scalar is {config.query_pre_attn_scalar}")
     if family == "gemma3":
         local = _rope(config, "sliding_attention")
@@ -129,21 +130,19 @@ def check_exportable(adapter: Adapter) -> gguf.MODEL_ARCH:
 
 def _metadata(w: gguf.GGUFWriter, adapter: Adapter, ftype: str) -> None:
     config, family = adapter.config, adapter.family.name
-    shape = adapter.shape()
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    shape, width = adapter.shape(), head_dim(adapter)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(getattr(config, "_name_or_path", "") or family)
     w.add_context_length(config.max_position_embeddings)
     w.add_embedding_length(config.hidden_size)
-    w.add_block_count(config.num_hidden_layers)
-    w.add_feed_forward_length(shape.get("intermediate") or config.intermediate_size)
-    w.add_head_count(heads)
-    w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or heads)
+    w.add_block_count(shape["layers"])
+    w.add_feed_forward_length(shape["intermediate"])
+    w.add_head_count(shape["heads"])
+    w.add_head_count_kv(shape["kv_heads"] or shape["heads"])
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(width)
+    w.add_value_length(width)
+    w.add_rope_dimension_count(width)
     w.add_vocab_size(config.vocab_size)
     rope = _rope(config)
     w.add_rope_freq_base(float(rope["rope_theta"]))
@@ -266,18 +265,15 @@ def export_gguf(source, out: str | Path, ftype: str = "f16", *, overwrite: bool 
         raise SlimformerError(f"output '{out}' exists; choose another path or allow overwriting")
     adapter = get_adapter(model)
     arch = check_exportable(adapter)
-    config = adapter.config
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    config, shape = adapter.config, adapter.shape()
+    names = gguf.get_tensor_name_map(arch, shape["layers"])
+    heads, kv_heads = shape["heads"], shape["kv_heads"] or shape["heads"]
     offset = adapter.family.norm_offset
     counts: dict[str, int] = {}
     kept = requantized = 0
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
         _metadata(w, adapter, ftype)
         _vocab(w, tokenizer, config.vocab_size)
         for hf_name, value in _weights(adapter).items():
@@ -309,12 +305,6 @@ def export_gguf(source, out: str | Path, ftype: str = "f16", *, overwrite: bool 
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=False)
         w.close()
-        if out.exists():
-            out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     if requantized:
         log.warning("%d quantized weights have no exact GGUF block (only int8/int4 in groups of 32 do) and were "
                     "rounded again to %s", requantized, ftype)
