@@ -37,11 +37,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from greenlet import GreenletExit, greenlet
 from tqdm.auto import tqdm
 
 from slimformer.errors import SlimformerError
 from slimformer.models.adapters import Adapter
+from slimformer.models.streaming import is_loaded, stream_of
 
 
 class _StopForward(Exception):
@@ -208,12 +208,15 @@ class BlockRunner:
 
     >>> runner = BlockRunner(adapter, samples)          # samples: (n, seqlen) token ids
     >>> runner.run(visitor)                             # calibrate + compress every block
+
+    ``samples=None`` runs the visitor's ``compress`` on each block without any forward pass
+    (magnitude pruning, RTN), so data-free methods stream from disk the same way.
     """
 
     def __init__(
         self,
         adapter: Adapter,
-        samples: torch.Tensor,
+        samples: torch.Tensor | None,
         *,
         batch_size: int = 1,
         device: str = "cpu",
@@ -222,8 +225,26 @@ class BlockRunner:
         self.adapter = adapter
         self.device = torch.device(device)
         self.progress = progress
+        self.stream = stream_of(adapter)
+        self.records: dict[int, Any] = {}  # what the visitor's ``finish`` said about each block
         self._batch = 0  # the batch being run: observers learn which sample an input belongs to
-        self.hidden, self.calls = capture(adapter, batches_of(samples, batch_size), device)
+        if samples is None:
+            self.hidden, self.calls = [], [[] for _ in adapter.blocks]
+        else:
+            self.hidden, self.calls = capture(adapter, batches_of(samples, batch_size), device)
+
+    @contextlib.contextmanager
+    def _block(self, index: int, block: nn.Module | None = None) -> Iterator[nn.Module]:
+        """Block ``index`` (or ``block``) with its weights in memory: read from disk and dropped again when streamed."""
+        block = self.adapter.blocks[index] if block is None else block
+        streamed = self.stream is not None and not is_loaded(block)
+        if streamed:
+            self.stream.load(block)
+        try:
+            yield block
+        finally:
+            if streamed:
+                self.stream.release(block)
 
     @torch.no_grad()
     def forward_block(
@@ -232,12 +253,12 @@ class BlockRunner:
         """Run block ``index`` (or a stand-in ``block``) over batches ``first, first + 1, …``; outputs on the CPU.
 
         The block runs on the runner's device: one that is elsewhere is moved there for the call
-        and back afterwards (block scoring calls this directly, outside :meth:`run`).
+        and back afterwards (block scoring calls this directly, outside :meth:`run`); a streamed
+        block is read from disk for the call.
         """
-        block = self.adapter.blocks[index] if block is None else block
         memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         outs = []
-        with on_device(block, self.device):
+        with self._block(index, block) as block, on_device(block, self.device):
             for k, (h, call) in enumerate(zip(hidden, self.calls[index][first:])):
                 self._batch = first + k
                 args, kwargs = _move(call.args, self.device, memo), _move(call.kwargs, self.device, memo)
@@ -250,64 +271,85 @@ class BlockRunner:
         """Run every block in order, letting ``visitor`` observe and compress its targets.
 
         ``propagate`` is ``"compressed"``, ``"sequential"`` or ``"dense"`` (see the module
-        docstring). Returns the hidden states leaving the last block (before the final norm).
+        docstring). After a block's targets are compressed, the visitor's optional
+        ``finish(index, block)`` returns a JSON-able record of the block (kept in
+        :attr:`records`); on a streamed model the block is then written to its output shard and
+        dropped, and a run interrupted later resumes after it (the visitor's ``restore(index,
+        record)`` gets the records of the blocks done before). Returns the hidden states leaving
+        the last block (before the final norm).
         """
         if propagate not in PROPAGATE:
             raise SlimformerError(f"propagate must be one of {', '.join(PROPAGATE)}, not '{propagate}'")
-        hidden = self.hidden
-        for i in tqdm(range(len(self.adapter.blocks)), desc=desc, disable=not self.progress):
-            block = self.adapter.blocks[i]
-            block.to(self.device)
-            targets = visitor.targets(i, block) if visitor else {}
-            if targets and propagate == "sequential":
-                hidden = self._forward_sequential(i, hidden, visitor, targets)
-            else:
-                observe = lambda name, module, inputs: visitor.observe(name, module, inputs, self._batch)  # noqa: E731
-                with observing(targets, observe) if targets else contextlib.nullcontext():
-                    outs = self.forward_block(i, hidden)
-                for name, module in targets.items():
-                    visitor.compress(name, module)
-                hidden = self.forward_block(i, hidden) if targets and propagate == "compressed" else outs
-            block.to("cpu")
+        hidden, start = self.hidden, 0
+        resumed = self.stream.resume_point() if self.stream is not None else None
+        if resumed is not None:
+            start, hidden, self.records = resumed
+            for i, record in sorted(self.records.items()):
+                if visitor is not None and hasattr(visitor, "restore"):
+                    visitor.restore(i, record)
+        for i in tqdm(range(len(self.adapter.blocks)), desc=desc, disable=not self.progress, initial=start):
+            if i < start:
+                continue
+            with self._block(i) as block:
+                block.to(self.device)
+                targets = visitor.targets(i, block) if visitor else {}
+                if targets and propagate == "sequential":
+                    hidden = self._forward_sequential(i, hidden, visitor, targets)
+                else:
+                    observe = lambda name, module, inputs: visitor.observe(name, module, inputs, self._batch)  # noqa: E731
+                    with observing(targets, observe) if targets else contextlib.nullcontext():
+                        outs = self.forward_block(i, hidden)
+                    for name, module in targets.items():
+                        visitor.compress(name, module)
+                    hidden = self.forward_block(i, hidden) if targets and propagate == "compressed" else outs
+                block.to("cpu")
+                if visitor is not None and hasattr(visitor, "finish"):
+                    self.records[i] = visitor.finish(i, block)
+                if self.stream is not None:
+                    self.stream.write(i, block)
+                    self.stream.checkpoint(i + 1, hidden, self.records.get(i))
         return hidden
 
     def _forward_sequential(self, index: int, hidden: list, visitor: BlockVisitor, targets: dict) -> list:
-        """One pass where each target is compressed once every sample has reached it.
+        """Passes over the samples, each ending at the next target to compress; then one pass for the outputs.
 
-        Each sample's forward runs in a greenlet (a coroutine on this thread) that pauses in
-        the target's pre-hook; once all samples are paused at the same target, it is
-        compressed and they resume, in sample order, so sums over samples are reproducible.
-        Grad mode is shared by the greenlets: the whole pass runs under ``no_grad``.
+        A pass runs each batch through the block until the first target not compressed yet,
+        observes it and every further target fed the very same input tensor (q/k/v, gate/up),
+        and stops that batch there; once every batch stopped, those targets are compressed and
+        the next pass starts from the block input again. So a target observes the outputs of
+        the compressed targets before it, and only one batch's activations are alive at a time
+        (see the module docstring for the memory). A module called twice in a forward is
+        compressed after its first call; a module never called is compressed with what was seen.
         """
         done: set[str] = set()
-        scheduler = greenlet.getcurrent()
+        while True:
+            group: list[str] | None = None
+            for j in range(len(hidden)):
+                seen: list[str] = []
+                fed: list[torch.Tensor] = []
 
-        def pause(name, module, inputs):
-            # a module called twice per forward is compressed once; a visitor that runs the module
-            # itself while compressing it (from the scheduler, not a sample) is not observed
-            if name not in done and greenlet.getcurrent() in batch_of:
-                visitor.observe(name, module, inputs, batch_of[greenlet.getcurrent()])
-                scheduler.switch(name)
+                def stop_at(name, module, inputs, j=j, seen=seen, fed=fed):
+                    if name in done:
+                        return
+                    if fed and inputs is not fed[0]:
+                        raise _StopForward
+                    fed[:1] = [inputs]
+                    visitor.observe(name, module, inputs, j)
+                    seen.append(name)
 
-        workers = [greenlet(lambda j=j: self.forward_block(index, hidden[j : j + 1], first=j)[0])
-                   for j in range(len(hidden))]
-        batch_of = {w: j for j, w in enumerate(workers)}
-        with torch.no_grad(), observing(targets, pause):
-            try:
-                stops = [w.switch() for w in workers]
-                while not all(w.dead for w in workers):
-                    paused = {stop for w, stop in zip(workers, stops) if not w.dead}
-                    if len(paused) != 1 or any(w.dead for w in workers):
-                        raise SlimformerError(f"block {index}: samples took different paths ({paused})")
-                    name = paused.pop()
-                    visitor.compress(name, targets[name])
-                    done.add(name)
-                    stops = [w.switch() for w in workers]
-            finally:  # unwind paused samples now, inside no_grad, not later from the garbage collector
-                for w in workers:
-                    if not w.dead:
-                        w.throw(GreenletExit)
+                with observing(targets, stop_at), contextlib.suppress(_StopForward):
+                    self.forward_block(index, hidden[j : j + 1], first=j)
+                fed.clear()
+                if group is None:
+                    group = seen
+                elif seen != group:
+                    raise SlimformerError(f"block {index}: samples took different paths ({group} and {seen})")
+            if not group:
+                break
+            for name in group:
+                visitor.compress(name, targets[name])
+                done.add(name)
         for name, module in targets.items():
             if name not in done:  # never called in the forward: compress with what was seen
                 visitor.compress(name, module)
-        return stops
+        return self.forward_block(index, hidden)

@@ -24,9 +24,10 @@ from slimformer.errors import SlimformerError
 from slimformer.methods import pruning_math as pm
 from slimformer.methods.base import CalibratedFields, MethodResult, config_dict, register, select_linears
 from slimformer.methods.obs import obs_compress
-from slimformer.methods.statistics import InputStats, StatsVisitor
+from slimformer.methods.quantization import BlockInstaller
+from slimformer.methods.statistics import InputStats, ModuleVisitor, StatsVisitor
 from slimformer.models.adapters import Adapter, weight_matrix
-from slimformer.models.quantized import install, scheme_summary
+from slimformer.models.streaming import stream_of
 from slimformer.models.quantizer import QuantizedWeight, QuantScheme
 
 
@@ -154,9 +155,36 @@ def overall_sparsity(modules: dict[str, nn.Module]) -> float:
     return zeros / sum(weight_matrix(m).numel() for m in modules.values())
 
 
-def _result(config, modules: dict[str, nn.Module], **summary) -> MethodResult:
-    return MethodResult(config.method, config_dict(config), layers=sparsity_table(modules),
-                        summary={"sparsity": overall_sparsity(modules), "pruned_modules": len(modules), **summary})
+class _Sparsity:
+    """The sparsity of each pruned module, recorded as its block finishes (a streamed block leaves memory after)."""
+
+    def __init__(self, installer=None):
+        self.layers: dict[str, dict] = {}
+        self.zeros = self.total = 0
+        self.installer = installer  # SparseGPT's joint quantization: packed modules swapped in per block
+
+    def finish(self, index: int, modules: dict[str, nn.Module]) -> dict:
+        """Measure the block's modules (float weights, before any packing)."""
+        record = {"layers": sparsity_table(modules),
+                  "zeros": sum(int((weight_matrix(m) == 0).sum()) for m in modules.values()),
+                  "total": sum(weight_matrix(m).numel() for m in modules.values())}
+        if self.installer is not None:
+            record["quant"] = self.installer.finish(index, modules)
+        self.restore(index, {k: v for k, v in record.items() if k != "quant"})
+        return record
+
+    def restore(self, index: int, record: dict) -> None:
+        """Add a finished block's record."""
+        self.layers.update(record["layers"])
+        self.zeros += record["zeros"]
+        self.total += record["total"]
+        if self.installer is not None and "quant" in record:
+            self.installer.restore(index, record["quant"])
+
+    def result(self, config, **summary) -> MethodResult:
+        return MethodResult(config.method, config_dict(config), layers=dict(self.layers),
+                            summary={"sparsity": self.zeros / max(self.total, 1), "pruned_modules": len(self.layers),
+                                     **summary})
 
 
 def _magnitude_masks(modules: dict[str, nn.Module], config: MagnitudeConfig, sparsity: float) -> list[torch.Tensor]:
@@ -170,12 +198,31 @@ def _magnitude_masks(modules: dict[str, nn.Module], config: MagnitudeConfig, spa
 
 @register(MagnitudeConfig)
 def magnitude(adapter: Adapter, config: MagnitudeConfig, samples: torch.Tensor | None = None) -> MethodResult:
-    """Prune by |W|; with ``rounds > 1``, prune → fine-tune → prune more, up to the target."""
+    """Prune by |W|; with ``rounds > 1``, prune → fine-tune → prune more, up to the target.
+
+    One round with per-matrix thresholds runs block by block through the runner (so it streams
+    from disk); a global threshold or several rounds need the whole model in memory.
+    """
     modules = select_linears(adapter, config.targets, config.ignore)
     check_pattern_fits(modules, config.n_m)
     if config.finetune_steps and samples is None:
         raise SlimformerError("iterative magnitude pruning with fine-tuning needs calibration samples")
     rounds = 1 if config.n_m else config.rounds  # an N:M pattern is reached in one step
+    inside = all(n.startswith(adapter.block_prefix + ".") for n in modules)
+    if rounds == 1 and config.scope == "layer" and inside:
+        sparsity = _Sparsity()
+
+        def compress(name: str, module: nn.Module) -> None:
+            (mask,) = _magnitude_masks({name: module}, config, config.sparsity)
+            pm.apply_mask(weight_matrix(module), mask)
+
+        with torch.no_grad():
+            BlockRunner(adapter, None, progress=False).run(
+                ModuleVisitor(adapter, modules, compress, finish_fn=sparsity.finish, restore_fn=sparsity.restore))
+        return sparsity.result(config, rounds=1)
+    if stream_of(adapter) is not None:
+        raise SlimformerError("magnitude pruning with a global threshold, several rounds or targets outside the "
+                              "blocks needs the whole model in memory: drop --max-memory or prune per layer in one round")
     for r in range(1, rounds + 1):
         with torch.no_grad():
             for module, mask in zip(modules.values(), _magnitude_masks(modules, config, config.sparsity * r / rounds)):
@@ -187,7 +234,8 @@ def magnitude(adapter: Adapter, config: MagnitudeConfig, samples: torch.Tensor |
             round_config = FinetuneConfig(steps=config.finetune_steps, seqlen=min(512, samples.shape[1]), batch_size=1,
                                           lr=1e-4, heldout=0, max_epochs=float("inf"), warmup=0.0)
             recover(adapter, round_config, samples.reshape(1, -1), progress=False)
-    return _result(config, modules, rounds=rounds)
+    return MethodResult(config.method, config_dict(config), layers=sparsity_table(modules),
+                        summary={"sparsity": overall_sparsity(modules), "pruned_modules": len(modules), "rounds": rounds})
 
 
 def _prune_with(config: CalibratedConfig, quantized: dict[str, QuantizedWeight]) -> Callable[[str, nn.Module, InputStats], None]:
@@ -213,10 +261,10 @@ def _prune_with(config: CalibratedConfig, quantized: dict[str, QuantizedWeight])
 
 
 def prune_visitor(adapter: Adapter, modules: dict[str, nn.Module], config: CalibratedConfig,
-                  quantized: dict[str, QuantizedWeight] | None = None) -> StatsVisitor:
+                  quantized: dict[str, QuantizedWeight] | None = None, **finish) -> StatsVisitor:
     """The block visitor of Wanda (input norms) or SparseGPT (input Hessians); joint quantization fills ``quantized``."""
     kind = "hessian" if isinstance(config, SparseGPTConfig) else "sqnorm"
-    return StatsVisitor(adapter, modules, (kind,), _prune_with(config, {} if quantized is None else quantized))
+    return StatsVisitor(adapter, modules, (kind,), _prune_with(config, {} if quantized is None else quantized), **finish)
 
 
 def _calibrated(adapter: Adapter, config: CalibratedConfig, samples: torch.Tensor | None) -> MethodResult:
@@ -233,14 +281,16 @@ def _calibrated(adapter: Adapter, config: CalibratedConfig, samples: torch.Tenso
             raise SlimformerError(f"{name}: {e}") from None
     runner = BlockRunner(adapter, samples, batch_size=config.batch_size, device=config.device)
     quantized: dict[str, QuantizedWeight] = {}
+    installer = BlockInstaller(adapter, quantized) if scheme else None
+    sparsity = _Sparsity(installer)
+    visitor = prune_visitor(adapter, modules, config, quantized, finish_fn=sparsity.finish, restore_fn=sparsity.restore)
     with torch.no_grad():
-        runner.run(prune_visitor(adapter, modules, config, quantized), propagate=config.propagate, desc=config.method)
-    result = _result(config, modules, samples=int(samples.shape[0]), seqlen=int(samples.shape[1]))
-    if quantized:  # sparsity measured on the float weights, then the packed modules swapped in
-        install(adapter.model, quantized)
-        for name, info in scheme_summary(adapter.model).items():
+        runner.run(visitor, propagate=config.propagate, desc=config.method)
+    result = sparsity.result(config, samples=int(samples.shape[0]), seqlen=int(samples.shape[1]))
+    if installer is not None:  # sparsity measured on the float weights, then the packed modules swapped in
+        for name, info in installer.layers.items():
             result.layers.setdefault(name, {}).update(info)
-        result.summary["quantized_modules"] = len(quantized)
+        result.summary["quantized_modules"] = installer.totals["modules"]
         result.summary["mean_bits"] = float(config.bits)
         result.summary["scheme"] = config.scheme().describe()
     return result

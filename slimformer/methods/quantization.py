@@ -24,7 +24,7 @@ from slimformer.calibration import BlockRunner
 from slimformer.errors import SlimformerError
 from slimformer.methods.base import CalibratedFields, MethodResult, config_dict, register, select_linears
 from slimformer.methods.obs import obs_compress
-from slimformer.methods.statistics import InputStats, StatsVisitor
+from slimformer.methods.statistics import InputStats, ModuleVisitor, StatsVisitor
 from slimformer.models.adapters import Adapter, weight_matrix
 from slimformer.models.quantized import install, scheme_summary
 from slimformer.models.quantizer import BITS, QuantizedWeight, QuantScheme, fake_quantize, qparams, quantize_weight
@@ -179,31 +179,79 @@ def _modules(adapter: Adapter, config: QuantConfig) -> tuple[dict[str, nn.Module
         raise SlimformerError(str(e)) from None
 
 
-def _finish(adapter: Adapter, config, weights: dict[str, QuantizedWeight], **summary) -> MethodResult:
-    """Swap in the packed modules and describe what was quantized."""
-    weights = {**weights, **_head_and_embedding(adapter, config)}
-    install(adapter.model, weights)
-    layers = scheme_summary(adapter.model)
-    unique = list({id(q): q for q in weights.values()}.values())  # a tied head and embedding share one table
-    params = sum(q.codes.numel() for q in unique)
-    bits = sum(q.codes.numel() * q.scheme.bits for q in unique) / max(params, 1)
-    zeros = sum(int((q.codes == q.zero.repeat_interleave(q.group, 1)).sum()) for q in unique)
+def _counts(weights: list[QuantizedWeight]) -> dict[str, int]:
+    """Weights, weight bits and codes equal to their zero point, over distinct quantized weights."""
+    unique = list({id(q): q for q in weights}.values())  # a tied head and embedding share one table
+    return {"params": sum(q.codes.numel() for q in unique),
+            "bits": sum(q.codes.numel() * q.scheme.bits for q in unique),
+            "zeros": sum(int((q.codes == q.zero.repeat_interleave(q.group, 1)).sum()) for q in unique)}
+
+
+class BlockInstaller:
+    """Swaps a finished block's quantized weights into the model and keeps only their counts.
+
+    So the codes of one block at a time are held besides the model (a streamed run writes the
+    block and drops it), and the method's summary is summed block by block.
+    """
+
+    def __init__(self, adapter: Adapter, weights: dict[str, QuantizedWeight]):
+        self.adapter, self.weights = adapter, weights
+        self.layers: dict[str, dict] = {}
+        self.totals = {"params": 0, "bits": 0, "zeros": 0, "modules": 0}
+
+    def finish(self, index: int, modules: dict[str, nn.Module]) -> dict:
+        """Install block ``index``'s quantized weights; its record (layers and counts)."""
+        mine = {n: self.weights.pop(n) for n in modules if n in self.weights}
+        install(self.adapter.model, mine)
+        record = {"layers": {n: info for n, info in scheme_summary(self.adapter.model).items() if n in mine},
+                  "counts": {**_counts(list(mine.values())), "modules": len(mine)}}
+        self.restore(index, record)
+        return record
+
+    def restore(self, index: int, record: dict) -> None:
+        """Add a finished block's record to the totals."""
+        self.layers.update(record["layers"])
+        for k, v in record["counts"].items():
+            self.totals[k] += v
+
+
+def _finish(adapter: Adapter, config, installer: BlockInstaller, **summary) -> MethodResult:
+    """Swap in the head and embedding and whatever is left, and describe what was quantized."""
+    rest = {**installer.weights, **_head_and_embedding(adapter, config)}
+    install(adapter.model, rest)
+    layers = {**installer.layers, **{n: i for n, i in scheme_summary(adapter.model).items() if n in rest}}
+    counts = _counts(list(rest.values()))
+    total = {k: installer.totals[k] + counts[k] for k in counts}
+    params = total["params"]
     return MethodResult(config.method, config_dict(config), layers=layers,
-                        summary={"quantized_modules": len(weights), "quantized_params": params, "mean_bits": bits,
-                                 "zero_fraction": zeros / max(params, 1), **summary})
+                        summary={"quantized_modules": installer.totals["modules"] + len(rest), "quantized_params": params,
+                                 "mean_bits": total["bits"] / max(params, 1), "zero_fraction": total["zeros"] / max(params, 1),
+                                 **summary})
+
+
+def _visitor(cls, adapter: Adapter, modules: dict[str, nn.Module], installer: BlockInstaller, *args, **kwargs):
+    """A block visitor over ``modules`` whose finished blocks go through ``installer``."""
+    return cls(adapter, modules, *args, finish_fn=installer.finish, restore_fn=installer.restore, **kwargs)
 
 
 # -- RTN -----------------------------------------------------------------------------------------------
 @register(RTNConfig)
 def rtn(adapter: Adapter, config: RTNConfig, samples: torch.Tensor | None = None) -> MethodResult:
-    """Round every selected weight to nearest on its scheme's grid."""
+    """Round every selected weight to nearest on its scheme's grid, block by block (no calibration pass)."""
     modules, scheme = _modules(adapter, config)
-    weights = {}
+    weights: dict[str, QuantizedWeight] = {}
+    installer = BlockInstaller(adapter, weights)
+
+    def compress(name: str, module: nn.Module) -> None:
+        weights[name] = quantize_weight(weight_matrix(module), scheme, config.mse)
+        _write_back(module, weights[name])
+
+    outside = {n: m for n, m in modules.items() if not n.startswith(adapter.block_prefix + ".")}
     with torch.no_grad():
-        for name, module in modules.items():
-            weights[name] = quantize_weight(weight_matrix(module), scheme, config.mse)
-            _write_back(module, weights[name])
-    return _finish(adapter, config, weights, scheme=scheme.describe())
+        BlockRunner(adapter, None, progress=False).run(_visitor(ModuleVisitor, adapter, modules, installer, compress))
+        for name, module in outside.items():  # targets named outside the blocks
+            compress(name, module)
+    return _finish(adapter, config, installer, scheme=scheme.describe())
 
 
 # -- GPTQ ----------------------------------------------------------------------------------------------
@@ -227,14 +275,15 @@ def gptq(adapter: Adapter, config: GPTQConfig, samples: torch.Tensor | None = No
     """GPTQ every selected projection, block by block, with the Hessian of its calibration inputs."""
     modules, scheme = _modules(adapter, config)
     weights: dict[str, QuantizedWeight] = {}
+    installer = BlockInstaller(adapter, weights)
 
     def compress(name: str, module: nn.Module, stats: InputStats) -> None:
         W = weight_matrix(module)
         weights[name] = _gptq_weight(W, stats.full_hessian(), scheme, config)
         _write_back(module, weights[name])
 
-    _calibrated_run(adapter, config, samples, StatsVisitor(adapter, modules, ("hessian",), compress))
-    return _finish(adapter, config, weights, scheme=scheme.describe(), samples=int(samples.shape[0]),
+    _calibrated_run(adapter, config, samples, _visitor(StatsVisitor, adapter, modules, installer, ("hessian",), compress))
+    return _finish(adapter, config, installer, scheme=scheme.describe(), samples=int(samples.shape[0]),
                    seqlen=int(samples.shape[1]))
 
 
@@ -386,8 +435,10 @@ def awq(adapter: Adapter, config: AWQConfig, samples: torch.Tensor | None = None
     state = _AWQBlock(adapter, config, scheme, modules)
     kinds = ("absmean", "rows") + (("hessian",) if config.then == "gptq" else ())
     tokens = samples.numel() if samples is not None else 1
-    visitor = StatsVisitor(adapter, modules, kinds, lambda n, m, st: state.compress(n, m, st, visitor.stats),
-                           max_rows=config.max_rows, stride=max(1, tokens // config.max_rows))
+    installer = BlockInstaller(adapter, state.weights)
+    visitor = _visitor(StatsVisitor, adapter, modules, installer, kinds,
+                       lambda n, m, st: state.compress(n, m, st, visitor.stats),
+                       max_rows=config.max_rows, stride=max(1, tokens // config.max_rows))
     _calibrated_run(adapter, config, samples, visitor)
-    return _finish(adapter, config, state.weights, scheme=scheme.describe(), alphas=state.alphas,
+    return _finish(adapter, config, installer, scheme=scheme.describe(), alphas=state.alphas,
                    samples=int(samples.shape[0]), seqlen=int(samples.shape[1]))

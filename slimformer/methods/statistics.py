@@ -7,8 +7,10 @@ tensor (q/k/v, gate/up) share one statistic, computed once.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +60,44 @@ class InputStats:
         return torch.cat(self.rows)
 
 
-class StatsVisitor:
+class ModuleVisitor:
+    """Block visitor over the chosen modules of each block: ``compress_fn(name, module)`` once every sample went through it.
+
+    ``finish_fn(index, modules)`` is called when block ``index`` is done (its chosen modules by
+    name) and returns a JSON-able record of it; ``restore_fn(index, record)`` gets the records
+    of blocks finished before a streamed run was resumed. Without samples (magnitude, RTN) the
+    runner calls ``compress`` on each block without a forward pass.
+    """
+
+    def __init__(self, adapter: Adapter, modules: dict[str, nn.Module], compress_fn: Callable,
+                 finish_fn: Callable[[int, dict[str, nn.Module]], Any] | None = None,
+                 restore_fn: Callable[[int, Any], None] | None = None):
+        self.adapter, self.modules, self.compress_fn = adapter, modules, compress_fn
+        self.finish_fn, self.restore_fn = finish_fn, restore_fn
+        self.current: dict[str, nn.Module] = {}
+
+    def targets(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
+        prefix = f"{self.adapter.block_prefix}.{index}."
+        self.current = {n: m for n, m in self.modules.items() if n.startswith(prefix)}
+        return self.current
+
+    def observe(self, name: str, module: nn.Module, inputs: torch.Tensor, batch: int) -> None:
+        pass
+
+    def compress(self, name: str, module: nn.Module) -> None:
+        self.compress_fn(name, module)
+
+    def finish(self, index: int, block: nn.Module) -> Any:
+        """The record of block ``index``, now that its modules are compressed."""
+        return self.finish_fn(index, self.current) if self.finish_fn else None
+
+    def restore(self, index: int, record: Any) -> None:
+        """Take back the record of a block finished by an interrupted run."""
+        if self.restore_fn:
+            self.restore_fn(index, record)
+
+
+class StatsVisitor(ModuleVisitor):
     """Block visitor that gathers ``kinds`` of statistics of each target's inputs, then calls ``compress_fn``.
 
     ``compress_fn(name, module, stats)`` changes one module once every sample went through it.
@@ -66,27 +105,29 @@ class StatsVisitor:
     """
 
     def __init__(self, adapter: Adapter, modules: dict[str, nn.Module], kinds: tuple[str, ...],
-                 compress_fn: Callable[[str, nn.Module, InputStats], None], max_rows: int = 4096, stride: int = 1):
+                 compress_fn: Callable[[str, nn.Module, InputStats], None], max_rows: int = 4096, stride: int = 1,
+                 **finish):
+        super().__init__(adapter, modules, compress_fn, **finish)
         unknown = set(kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown statistics {sorted(unknown)}; known: {', '.join(KINDS)}")
-        self.adapter, self.modules, self.kinds, self.compress_fn = adapter, modules, kinds, compress_fn
+        self.kinds = kinds
         self.max_rows, self.stride = max_rows, stride
         self.stats: dict[str, InputStats] = {}
-        self.last: dict[int, tuple[torch.Tensor, str]] = {}  # batch -> (its last input seen, by which module)
+        # batch -> (its last input seen, by which module); weak, so no pass's activations outlive it
+        self.last: dict[int, tuple[weakref.ref, str]] = {}
 
     def targets(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
         self.stats.clear()
         self.last.clear()
-        prefix = f"{self.adapter.block_prefix}.{index}."
-        return {n: m for n, m in self.modules.items() if n.startswith(prefix)}
+        return super().targets(index, block)
 
     def observe(self, name: str, module: nn.Module, inputs: torch.Tensor, batch: int) -> None:
         last = self.last.get(batch)
-        if last is not None and last[0] is inputs:
+        if last is not None and last[0]() is inputs:
             self.stats[name] = self.stats[last[1]]
             return
-        self.last[batch] = (inputs, name)
+        self.last[batch] = (weakref.ref(inputs), name)
         sequences = inputs.shape[0] if inputs.ndim == 3 else 1
         x = inputs.reshape(-1, inputs.shape[-1]).float()  # (tokens, in)
         entry = self.stats.get(name)

@@ -240,6 +240,56 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=get_adapter(model), source=str(source))
 
 
+def load_streamed(
+    spec: str,
+    out: str | Path,
+    *,
+    dtype: str = "float32",
+    out_dtype: str | None = None,
+    job: dict | None = None,
+    overwrite: bool = False,
+    resume: bool = True,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """A model whose blocks stay on disk until the block runner needs them, written to ``out`` as they finish.
+
+    The model is a skeleton on the meta device with its embeddings, final norm and head read;
+    see :mod:`slimformer.models.streaming`. Call ``stream_of(loaded.adapter).commit(loaded.tokenizer)``
+    once the methods ran. A GGUF source is converted to a sharded safetensors checkpoint once,
+    one tensor at a time.
+    """
+    from accelerate import init_empty_weights
+
+    from slimformer.models.streaming import Stream
+
+    if dtype not in DTYPES or (out_dtype is not None and out_dtype not in DTYPES):
+        raise SlimformerError(f"unknown dtype '{dtype if dtype not in DTYPES else out_dtype}'; "
+                              f"choose one of {', '.join(DTYPES)}")
+    source = resolve(spec)
+    if isinstance(source, Path) and source.suffix == ".gguf":
+        source = gguf_checkpoint(source)
+    elif isinstance(source, str):
+        from huggingface_hub import snapshot_download
+
+        source = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if sparse_storage.is_sparse_checkpoint(config) or quant_storage.is_quantized_checkpoint(config):
+        raise SlimformerError(f"'{spec}' is a sparse or quantized checkpoint: streaming reads dense safetensors weights")
+    check_safetensors(source)
+    family = config_family(config)
+    cls = _model_class("auto", family.kind)
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    if getattr(config, "slimformer_layer_shapes", None):
+        reshape_blocks(get_adapter(model), config.slimformer_layer_shapes)
+    model.eval()
+    job = {"source": str(Path(source).resolve()), "dtype": dtype, "out_dtype": out_dtype or dtype, **(job or {})}
+    Stream(source, model, out, dtype=DTYPES[dtype], out_dtype=DTYPES[out_dtype or dtype], job=job,
+           overwrite=overwrite, resume=resume)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=get_adapter(model), source=str(source))
+
+
 def _load_reshaped(source: Path, cls, config, dtype: torch.dtype) -> PreTrainedModel:
     """A model whose blocks have different shapes (``slimformer_layer_shapes``): build, cut to shape, load."""
     files = sorted(source.glob("*.safetensors"))

@@ -77,23 +77,38 @@ def quantization_config(modules: dict[str, nn.Module], ignore: list[str]) -> dic
     return config.model_dump(exclude_none=True)
 
 
+def checkpoint_tensors(module: nn.Module, prefix: str = "", dtype: torch.dtype | None = None,
+                       skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of ``module`` (a model or one block), names prefixed with ``prefix``.
+
+    Quantized modules give their compressed-tensors tensors (scales in ``dtype``), everything
+    else its state-dict entries cast to ``dtype`` when floating. Tied tensors are stored once,
+    as ``save_pretrained`` does; names starting with one of ``skip`` are left out.
+    """
+    modules = {n: m for n, m in quantized_modules(module).items() if not n.startswith(skip)}
+    if dtype is None:
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    cast = lambda t: (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()  # noqa: E731
+    state: dict[str, torch.Tensor] = {}
+    for name, qmodule in modules.items():  # cloned: a head and an embedding may share their codes in memory
+        tensors = module_tensors(f"{prefix}{name}", qmodule.quantized_weight(), dtype)
+        state.update({k: v.clone() for k, v in tensors.items()})
+        if getattr(qmodule, "bias", None) is not None:
+            state[f"{prefix}{name}.bias"] = cast(qmodule.bias)
+    inside = tuple(f"{n}." for n in modules)
+    seen: set[int] = set()
+    for name, tensor in module.state_dict().items():
+        if name.startswith(inside) or name.startswith(skip) or tensor.data_ptr() in seen:
+            continue  # tied tensors are stored once, as save_pretrained does
+        seen.add(tensor.data_ptr())
+        state[f"{prefix}{name}"] = cast(tensor)
+    return state
+
+
 def write_quantized(model: nn.Module, folder: Path) -> list[str]:
     """Write ``model.safetensors`` and ``config.json`` of a model holding quantized modules into ``folder``."""
     modules = quantized_modules(model)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    state: dict[str, torch.Tensor] = {}
-    for name, module in modules.items():  # cloned: a head and an embedding may share their codes in memory
-        state.update({k: v.clone() for k, v in module_tensors(name, module.quantized_weight(), dtype).items()})
-        if getattr(module, "bias", None) is not None:
-            state[f"{name}.bias"] = module.bias.detach().to(dtype).contiguous()
-    inside = tuple(f"{n}." for n in modules)
-    seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
-        if name.startswith(inside) or tensor.data_ptr() in seen:
-            continue  # tied tensors are stored once, as save_pretrained does
-        seen.add(tensor.data_ptr())
-        state[name] = tensor.detach().cpu().contiguous()
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(checkpoint_tensors(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in modules]
     config = model.config.to_dict()
     config["quantization_config"] = {"quant_method": "compressed-tensors", **quantization_config(modules, linears)}

@@ -1,0 +1,291 @@
+"""Models larger than memory: a weightless skeleton whose blocks are read from the safetensors shards one at a time and written out as they finish.
+
+A :class:`Stream` is built on a checkpoint folder (one ``model.safetensors`` or shards with
+``model.safetensors.index.json``). The model is created on the meta device (accelerate's
+``init_empty_weights``), only the parts outside the blocks (embeddings, final norm, head) are
+read; a block's weights are read from the memory-mapped shards when the block runner needs it
+(:meth:`Stream.load`) and dropped again (:meth:`Stream.release`). A finished block is written
+to its own output shard at once (:meth:`Stream.write`), so the resident memory is one block,
+the calibration activations and what the method keeps.
+
+Everything is written into a work folder beside the output (``.NAME.streaming``), which also
+holds the progress of the block runner (the next block, the hidden states entering it, what
+the method recorded about the finished blocks). A run that stops resumes there when it is
+started again with the same job; :meth:`Stream.commit` writes the rest (blocks never run,
+embeddings, head, config, tokenizer, the index as ``save_pretrained`` writes it) and renames
+the folder into place, so an unfinished run never leaves a model at the output path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from slimformer.errors import SlimformerError
+from slimformer.files import atomic_path
+from slimformer.models.adapters import Adapter, get_adapter
+from slimformer.models.quant_storage import checkpoint_tensors, quantization_config
+from slimformer.models.quantized import quantized_modules
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+_SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint folder, read one at a time from the memory-mapped files."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.file_of = {k: self.folder / v for k, v in weight_map.items()}
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+            if not files:
+                raise SlimformerError(f"no safetensors weights in {self.folder}")
+            self.file_of = {}
+            for file in files:
+                with safe_open(file, "pt") as f:
+                    self.file_of.update({k: file for k in f.keys()})
+        self._open: dict[Path, Any] = {}
+        self._meta: dict[str, tuple[str, list[int]]] = {}
+
+    def _handle(self, key: str):
+        file = self.file_of[key]
+        if file not in self._open:
+            self._open[file] = safe_open(file, "pt")
+        return self._open[file]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.file_of
+
+    def read(self, key: str) -> torch.Tensor:
+        """One tensor, copied out of the mapped file."""
+        if key not in self.file_of:
+            raise SlimformerError(f"checkpoint {self.folder} has no tensor '{key}'")
+        return self._handle(key).get_tensor(key)
+
+    def nbytes(self, prefix: str = "") -> int:
+        """Bytes on disk of the tensors whose names start with ``prefix``."""
+        total = 0
+        for key in self.file_of:
+            if key.startswith(prefix):
+                if key not in self._meta:
+                    sl = self._handle(key).get_slice(key)
+                    self._meta[key] = (sl.get_dtype(), sl.get_shape())
+                dtype, shape = self._meta[key]
+                total += _SIZES.get(dtype, 4) * int(torch.Size(shape).numel())
+        return total
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put ``value`` in place of the parameter or buffer ``name`` of ``module`` (on the meta device or not)."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+def is_loaded(module: nn.Module) -> bool:
+    """Whether ``module``'s weights are in memory (not on the meta device)."""
+    return not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+class Stream:
+    """A model whose blocks live on disk; see the module docstring.
+
+    ``dtype`` is what the blocks compute in (the source is cast on reading), ``out_dtype`` what
+    the output shards store (default: ``dtype``, so a streamed run writes the very bytes an
+    in-memory run saves). ``job`` identifies the work (method, samples, source): a work folder
+    left by another job is discarded, one left by the same job is resumed.
+    """
+
+    def __init__(self, source: str | Path, model: nn.Module, out: str | Path, *, dtype: torch.dtype,
+                 out_dtype: torch.dtype | None = None, job: dict | None = None, overwrite: bool = False,
+                 resume: bool = True):
+        self.source = Checkpoint(source)
+        self.model, self.adapter = model, get_adapter(model)
+        self.dtype, self.out_dtype = dtype, out_dtype or dtype
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise SlimformerError(f"output '{self.out}' exists; choose another path or allow overwriting")
+        self.work = self.out.parent / f".{self.out.name}.streaming"
+        self.job = json.loads(json.dumps(job or {}, default=str))
+        prefix = self.adapter.block_prefix
+        self.source_of = {id(b): f"{prefix}.{i}." for i, b in enumerate(self.adapter.blocks)}
+        self.written: dict[int, tuple[int, str]] = {}  # id(block) -> (index written at, file)
+        self._start(resume)
+        self._load_outer()
+        model.adapter_stream = self  # how the block runner finds it
+
+    # -- progress --------------------------------------------------------------------------------
+    def _start(self, resume: bool) -> None:
+        progress = self.work / "progress.json"
+        if resume and progress.exists():
+            state = json.loads(progress.read_text())
+            if state.get("job") == self.job:
+                self.progress = state
+                log.info("resuming at block %d from %s", state.get("next", 0), self.work)
+                return
+            log.warning("discarding %s: it was left by a different job", self.work)
+        shutil.rmtree(self.work, ignore_errors=True)
+        (self.work / "blocks").mkdir(parents=True)
+        self.progress = {"job": self.job, "next": 0, "records": {}, "files": {}}
+        self._save_progress()
+
+    def _save_progress(self) -> None:
+        with atomic_path(self.work / "progress.json") as tmp:
+            tmp.write_text(json.dumps(self.progress))
+
+    def resume_point(self) -> tuple[int, list[torch.Tensor], dict[int, Any]] | None:
+        """``(next block, hidden states entering it, records of the finished blocks)`` of an interrupted run, or None."""
+        k = self.progress["next"]
+        if not k:
+            return None
+        state = load_file(self.work / "hidden.safetensors")
+        hidden = [state[str(j)] for j in range(len(state))]
+        for j, block in enumerate(self.adapter.blocks[:k]):
+            self.written[id(block)] = (j, self.progress["files"][str(j)])
+        return k, hidden, {int(i): r for i, r in self.progress["records"].items()}
+
+    def checkpoint(self, next_index: int, hidden: list[torch.Tensor], record: Any = None) -> None:
+        """After block ``next_index - 1`` was written: keep the hidden states entering the next block and its record."""
+        with atomic_path(self.work / "hidden.safetensors") as tmp:
+            save_file({str(j): h.contiguous() for j, h in enumerate(hidden)}, tmp)
+        self.progress["next"] = next_index
+        self.progress["records"][str(next_index - 1)] = record
+        self._save_progress()
+
+    # -- weights ---------------------------------------------------------------------------------
+    def _load_outer(self) -> None:
+        prefix = self.adapter.block_prefix + "."
+        head = self.model.get_output_embeddings()
+        tied_head = {f"{n}.weight" for n, m in self.model.named_modules() if m is head} \
+            if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            if name.startswith(prefix) or not tensor.is_meta:
+                continue
+            if name in self.source:
+                _assign(self.model, name, self.source.read(name).to(self.dtype))
+            elif name not in tied_head:
+                raise SlimformerError(f"streaming needs the checkpoint's tensor names to match the model's: "
+                                      f"{self.source.folder} has no '{name}'")
+        self.model.tie_weights()
+
+    def load(self, block: nn.Module) -> None:
+        """Read ``block``'s weights from the source checkpoint (where it started, before any block was removed)."""
+        if is_loaded(block):
+            return
+        src = self.source_of[id(block)]
+        for name, _ in [*block.named_parameters(), *block.named_buffers()]:
+            _assign(block, name, self.source.read(src + name).to(self.dtype))
+
+    def release(self, block: nn.Module) -> None:
+        """Drop ``block``'s weights from memory."""
+        block.to("meta")
+
+    def write(self, index: int, block: nn.Module) -> None:
+        """Write block ``index`` (as it is now: pruned, quantized…) to its own output shard."""
+        prefix = f"{self.adapter.block_prefix}.{index}."
+        file = f"blocks/block-{index:05d}.safetensors"
+        with atomic_path(self.work / file) as tmp:
+            save_file(checkpoint_tensors(block, prefix, self.out_dtype), tmp, metadata={"format": "pt"})
+        self.written[id(block)] = (index, file)
+        self.progress["files"][str(index)] = file
+
+    def peak_block_bytes(self) -> int:
+        """Bytes of the largest block once read in the compute dtype."""
+        scale = torch.finfo(self.dtype).bits / 8
+        sizes = []
+        for block in self.adapter.blocks:
+            numel = sum(p.numel() for p in [*block.parameters(), *block.buffers()])
+            sizes.append(numel * scale)
+        return int(max(sizes, default=0))
+
+    def outer_bytes(self) -> int:
+        """Bytes held in memory for the whole run: embeddings, final norm, head."""
+        prefix = self.adapter.block_prefix + "."
+        seen, total = set(), 0
+        for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            if not name.startswith(prefix) and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        return total
+
+    # -- the output ------------------------------------------------------------------------------
+    def commit(self, tokenizer=None) -> Path:
+        """Write what is not written yet, the config, tokenizer and index, and move the model to the output path."""
+        blocks = self.adapter.blocks
+        files = []
+        for j, block in enumerate(blocks):
+            done = self.written.get(id(block))
+            if done is None or done[0] != j:
+                was_loaded = is_loaded(block)
+                self.load(block)
+                self.write(j, block)
+                if not was_loaded:
+                    self.release(block)
+            files.append(self.written[id(block)][1])
+        prefix = self.adapter.block_prefix + "."
+        outer = {k: v for k, v in checkpoint_tensors(self.model, "", self.out_dtype, skip=(prefix,)).items()}
+        with atomic_path(self.work / "outer.safetensors") as tmp:
+            save_file(outer, tmp, metadata={"format": "pt"})
+        total = len(files) + 1
+        weight_map, size = {}, 0
+        for k, file in enumerate([*files, "outer.safetensors"]):
+            name = f"model-{k + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(self.work / file, self.work / name)
+            with safe_open(self.work / name, "pt") as f:
+                for key in f.keys():
+                    weight_map[key] = name
+            size += (self.work / name).stat().st_size
+        (self.work / INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
+                                                  indent=2, sort_keys=True))
+        self._write_config()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.work)
+        for leftover in ("progress.json", "hidden.safetensors", "blocks"):
+            path = self.work / leftover
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.work, self.out)
+        del self.model.adapter_stream
+        return self.out
+
+    def _write_config(self) -> None:
+        config = self.model.config
+        config.dtype = self.out_dtype
+        modules = quantized_modules(self.model)
+        if modules:
+            linears = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and n not in modules]
+            data = config.to_dict()
+            data["quantization_config"] = {"quant_method": "compressed-tensors", **quantization_config(modules, linears)}
+            config = type(config).from_dict(data)
+        config.save_pretrained(self.work)
+        generation = getattr(self.model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(self.work)
+
+    def abandon(self) -> None:
+        """Forget the stream on the model; the work folder stays for a resumed run."""
+        self.model.__dict__.pop("adapter_stream", None)
+
+
+def stream_of(adapter: Adapter) -> Stream | None:
+    """The stream backing ``adapter``'s model, or None for a model in memory."""
+    return adapter.model.__dict__.get("adapter_stream")
