@@ -287,9 +287,8 @@ class BlockRunner:
             for i, record in sorted(self.records.items()):
                 if visitor is not None and hasattr(visitor, "restore"):
                     visitor.restore(i, record)
-        for i in tqdm(range(len(self.adapter.blocks)), desc=desc, disable=not self.progress, initial=start):
-            if i < start:
-                continue
+        n = len(self.adapter.blocks)
+        for i in tqdm(range(start, n), desc=desc, disable=not self.progress, initial=start, total=n):
             with self._block(i) as block:
                 block.to(self.device)
                 targets = visitor.targets(i, block) if visitor else {}

@@ -53,3 +53,14 @@ def peak_rss_gib() -> float:
         pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (2**30 if sys.platform == "darwin" else 2**20)  # macOS reports bytes, Linux KiB
+
+
+def current_rss_bytes() -> int:
+    """Resident memory of this process now, in bytes (0 where /proc is not available)."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

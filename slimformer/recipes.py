@@ -424,6 +424,78 @@ def run_recipe(recipe: str | Path | dict | Recipe, out: str | Path, *, model: st
     return summary
 
 
+def run_streamed(recipe: str | Path | dict | Recipe, out: str | Path, *, max_memory: int, model: str | None = None,
+                 overwrite: bool = False, progress: bool = True, dtype: str = "float32",
+                 out_dtype: str | None = None) -> dict:
+    """Run a recipe's compressing steps with the model streamed from disk block by block (``--max-memory``).
+
+    Each step reads the previous one's output shards and writes its own as blocks finish (see
+    :mod:`slimformer.models.streaming`); an interrupted step resumes at its last finished block.
+    Each step's estimated peak (:func:`slimformer.methods.memory.estimate_peak`) is checked
+    against ``max_memory`` bytes before it runs. Perplexity is not measured (it needs the whole
+    model); the output folder holds the model and ``run.json``.
+    """
+    from slimformer.methods.memory import STREAMABLE, check_budget
+    from slimformer.models.loading import load_streamed
+    from slimformer.models.streaming import stream_of
+
+    recipe = load_recipe(recipe)
+    if model:
+        recipe = dataclasses.replace(recipe, model=model)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SlimformerError(f"output '{out}' exists; choose another path or pass --overwrite")
+    for step in recipe.steps:
+        if not isinstance(step, STREAMABLE):
+            raise SlimformerError(f"step '{step.method}' needs the whole model in memory: run it without --max-memory")
+    if recipe.measure.ppl_windows:
+        raise SlimformerError("perplexity is measured on the whole model in memory: drop --ppl-windows with --max-memory")
+    load_text(recipe.calibration.source)
+    work = work_folder(out)
+    work.mkdir(parents=True, exist_ok=True)
+    source, steps = recipe.model, []
+    for i, step in enumerate(recipe.steps):
+        target = out if i == len(recipe.steps) - 1 else work / f"step-{i + 1:02d}"
+        c = recipe.calibration
+        job = {"step": config_dict(step), "calibration": dataclasses.asdict(c), "seed": recipe.seed, "bos": recipe.bos}
+        if target.exists() and target != out:  # a finished step of an interrupted recipe
+            steps.append(json.loads((target / "step.json").read_text()))
+            source = str(target)
+            continue
+        loaded = load_streamed(source, target, dtype=dtype, out_dtype=out_dtype, job=job, overwrite=True)
+        stream = stream_of(loaded.adapter)
+        try:
+            ctx = _Context(recipe, loaded, progress)
+            needs = getattr(step, "needs_samples", True)
+            estimate = check_budget(loaded.adapter, step, c.nsamples, c.seqlen, max_memory)
+            if progress:
+                print(f"step {i + 1}/{len(recipe.steps)}: {step.method}, streamed; estimated peak "
+                      f"{estimate['total'] / 2**30:.2f} GiB of {max_memory / 2**30:.2f}")
+            torch.manual_seed(recipe.seed + i)
+            result = dataclasses.asdict(apply(loaded.adapter, step, ctx.samples if needs else None))
+            entry = {"result": result, "estimate_bytes": estimate}
+            write_json(stream.work / "step.json", entry)
+            stream.commit(loaded.tokenizer)
+        except BaseException:
+            if not stream.progress["next"]:  # no block finished that a rerun could resume from
+                shutil.rmtree(stream.work, ignore_errors=True)
+                if not any(work.iterdir()):
+                    work.rmdir()
+            raise
+        finally:
+            stream.abandon()
+        entry["after"] = {"size_bytes": {"quantized" if "mean_bits" in result["summary"] else "dense":
+                                         size_on_disk(target)}}
+        steps.append(entry)
+        source = str(target)
+    summary = {"recipe": recipe.to_dict(), "streamed": True, "max_memory_bytes": max_memory, "steps": steps,
+               "report_html": None}
+    write_json(out / "run.json", summary)
+    (out / "step.json").unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return summary
+
+
 def _step_record(recipe: Recipe, step: int, result: dict, before: dict, after: dict) -> StepRecord:
     """What a compression step did and the recipe's measurements before and after it."""
     m = recipe.measure

@@ -35,6 +35,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a hub model's own Python code to run")
 
 
+def add_max_memory_arg(p: argparse.ArgumentParser) -> None:
+    """``--max-memory``: stream the model from disk block by block within this budget."""
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="stream the model from disk one block at a time and refuse, before any work, a run whose "
+                        "estimated peak exceeds SIZE (4GiB, 512MiB…); an interrupted run resumes at its last block")
+    p.add_argument("--out-dtype", default=None, choices=DTYPES,
+                   help="with --max-memory: dtype of the written weights (default: --dtype)")
+
+
 def add_bos_arg(p: argparse.ArgumentParser) -> None:
     """``--bos``: which windows start with the tokenizer's BOS."""
     p.add_argument("--bos", default="auto", choices=BOS_MODES,
@@ -61,6 +70,7 @@ def add_remove_blocks_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
     p.add_argument("--out", required=True, help="folder for the shallower model (stock transformers loads it)")
     p.add_argument("--overwrite", action="store_true")
+    add_max_memory_arg(p)
 
 
 def add_glue_parser(sub, helps: dict[str, str]) -> None:
@@ -123,6 +133,7 @@ def add_run_parsers(sub, helps: dict[str, str]) -> None:
     p.add_argument("--out", required=True, help="output folder (written when the recipe finishes)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    add_max_memory_arg(p)
     p = sub.add_parser("report", help=helps["report"])
     p.add_argument("run", help="run folder")
 
@@ -158,6 +169,7 @@ def add_prune_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--out", required=True, help="folder for the pruned model (stock transformers loads it)")
     p.add_argument("--sparse-out", default=None, help="folder for a sparse-bitmask copy (smaller on disk)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    add_max_memory_arg(p)
 
 
 def add_eval_parser(sub, helps: dict[str, str]) -> None:
@@ -209,6 +221,7 @@ def add_quantize_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
     p.add_argument("--out", required=True, help="folder for the compressed-tensors checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_max_memory_arg(p)
 
 
 def token_count(text: str) -> int:

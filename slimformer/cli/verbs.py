@@ -125,12 +125,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from slimformer.methods import FinetuneConfig
-    from slimformer.recipes import run_recipe
 
     finetune = (FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, seqlen=args.finetune_seqlen,
                                data=args.finetune_data, device=args.device),) if args.finetune_steps else ()
     recipe = _one_step_recipe(args, _method_config(args), *finetune, speed=False)
-    summary = run_recipe(recipe, args.out, overwrite=args.overwrite, dtype=args.dtype, sparse_out=args.sparse_out)
+    if args.max_memory and args.sparse_out:
+        raise SlimformerError("--sparse-out re-saves the whole model in memory: drop it with --max-memory")
+    summary = _run(args, recipe, sparse_out=args.sparse_out)
     result = summary["steps"][0]["result"]
     console = Console()
     console.print(_sparsity_table(result["layers"]))
@@ -139,6 +140,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
                   f"peak RSS {result['peak_rss_gib']:.2f} GiB")
     _print_outcome(console, summary, args)
     return 0
+
+
+def _run(args: argparse.Namespace, recipe, sparse_out=None) -> dict:
+    """Run a verb's recipe: in memory, or streamed from disk block by block under ``--max-memory``."""
+    from slimformer.recipes import run_recipe, run_streamed
+
+    if getattr(args, "max_memory", None):
+        from slimformer.methods.memory import parse_size
+
+        return run_streamed(recipe, args.out, max_memory=parse_size(args.max_memory), overwrite=args.overwrite,
+                            dtype=args.dtype, out_dtype=args.out_dtype)
+    return run_recipe(recipe, args.out, overwrite=args.overwrite, dtype=args.dtype, sparse_out=sparse_out)
 
 
 def _print_outcome(console, summary: dict, args: argparse.Namespace) -> None:
@@ -153,7 +166,12 @@ def _print_outcome(console, summary: dict, args: argparse.Namespace) -> None:
     for out in (args.out, summary.get("sparse_out")):
         if out:
             print(f"saved {out}")  # paths unwrapped, whatever the terminal's width
-    print(f"report: {summary['report_html']}")
+    if summary.get("streamed"):
+        step = summary["steps"][-1]
+        print(f"streamed within --max-memory: estimated peak {step['estimate_bytes']['total'] / 2**30:.2f} GiB, "
+              f"measured {step['result']['peak_rss_gib']:.2f} GiB; figures: {args.out}/run.json")
+    else:
+        print(f"report: {summary['report_html']}")
 
 
 def _quant_config(args: argparse.Namespace):
@@ -187,10 +205,7 @@ def _run_one_step(args: argparse.Namespace, config, *more, calib: bool = True):
     """Run ``config`` (and ``more`` steps) as a recipe into ``args.out``: (summary, first step's result, its summary, console)."""
     from rich.console import Console
 
-    from slimformer.recipes import run_recipe
-
-    summary = run_recipe(_one_step_recipe(args, config, *more, speed=False, calib=calib), args.out,
-                         overwrite=args.overwrite, dtype=args.dtype)
+    summary = _run(args, _one_step_recipe(args, config, *more, speed=False, calib=calib))
     result = summary["steps"][0]["result"]
     return summary, result, result["summary"], Console()
 
@@ -340,12 +355,10 @@ def cmd_remove_blocks(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from slimformer.methods import SLEBConfig
-    from slimformer.recipes import run_recipe
 
     config = SLEBConfig(blocks=args.blocks, ratio=args.ratio, criterion=args.method.replace("sleb", "iterative"),
                         protect=tuple(args.protect), batch_size=args.batch_size, device=args.device)
-    summary = run_recipe(_one_step_recipe(args, config, speed=True), args.out, overwrite=args.overwrite,
-                         dtype=args.dtype)
+    summary = _run(args, _one_step_recipe(args, config, speed=not args.max_memory))
     result = summary["steps"][0]["result"]
     found = result["summary"]
     console = Console()
@@ -429,6 +442,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from slimformer.recipes import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)  # an invalid recipe fails here, before any work
+    if args.max_memory:
+        from slimformer.methods.memory import parse_size
+        from slimformer.recipes import run_streamed
+
+        run_streamed(recipe, args.out, max_memory=parse_size(args.max_memory), model=args.model,
+                     overwrite=args.overwrite, out_dtype=args.out_dtype)
+        print(f"model: {args.out} (streamed; figures in {args.out}/run.json)")
+        return 0
     summary = run_recipe(recipe, args.out, model=args.model, overwrite=args.overwrite)
     console = Console()
     console.print(_before_after_table(summary["before_after"], f"{args.model or recipe.model}: before → after"))

@@ -1,0 +1,85 @@
+"""The peak resident memory a streamed method run will need, estimated before any work, so a budget is refused up front.
+
+The terms follow the block runner's memory (see :mod:`slimformer.calibration`): one block's
+weights in the compute dtype, the hidden states entering and leaving the block for every
+sample, one batch's activations inside the block, and what the method keeps (Hessians,
+input rows, cached states), on top of what the process holds already (interpreter,
+libraries, embeddings and head).
+"""
+
+from __future__ import annotations
+
+from slimformer.errors import SlimformerError
+from slimformer.machine import current_rss_bytes
+from slimformer.methods.blocks import SLEBConfig
+from slimformer.methods.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig
+from slimformer.methods.quantization import AWQConfig, GPTQConfig, RTNConfig
+from slimformer.models.adapters import Adapter, weight_matrix
+from slimformer.models.streaming import stream_of
+
+STREAMABLE = (MagnitudeConfig, WandaConfig, SparseGPTConfig, RTNConfig, GPTQConfig, AWQConfig, SLEBConfig)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``4GiB``, ``512MiB``, ``1.5GB`` or ``2000000``."""
+    raw = str(text).strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or value <= 0:
+        raise SlimformerError(f"cannot read the memory size '{text}': give a number and a unit such as 4GiB or 512MiB")
+    return int(value * _UNITS[unit])
+
+
+def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[str, int]:
+    """Bytes of each term of a streamed run's peak (``total`` is their sum); see the module docstring.
+
+    ``4 ·`` counts float32 activations and statistics, whatever the weights' dtype.
+    """
+    stream = stream_of(adapter)
+    if stream is None:
+        raise SlimformerError("the memory estimate is for a streamed model (load_streamed)")
+    if not isinstance(config, STREAMABLE):
+        raise SlimformerError(f"{config.method} needs the whole model in memory; it does not stream block by block")
+    block = adapter.blocks[0]
+    widths = [weight_matrix(m).shape for m in adapter.linears(block).values()]
+    hidden = adapter.model.get_input_embeddings().weight.shape[1]
+    inner = max(max(w) for w in widths)
+    calibrated = getattr(config, "needs_samples", True) and not isinstance(config, (MagnitudeConfig, RTNConfig))
+    n, s = (nsamples, seqlen) if calibrated else (0, 0)
+    batch = min(getattr(config, "batch_size", 1), max(n, 1))
+    terms = {
+        "process": current_rss_bytes(),  # interpreter, libraries, embeddings, final norm, head
+        "block": stream.peak_block_bytes(),
+        "activations": 2 * n * s * hidden * 4,  # the block's inputs and outputs for every sample
+        "pass": batch * s * (6 * hidden + 4 * inner) * 4,  # one batch inside the block
+        "method": 0,
+    }
+    rows = max(w[0] for w in widths)
+    if isinstance(config, (GPTQConfig, SparseGPTConfig)) or getattr(config, "then", None) == "gptq":
+        distinct = sorted({w[1] for w in widths})  # one Hessian per distinct input width kept for the block
+        terms["method"] = sum(w * w * 4 for w in distinct) + 2 * inner * inner * 4 + 3 * rows * inner * 4
+    if isinstance(config, AWQConfig):
+        terms["method"] += 4 * config.max_rows * inner * 4 + 2 * rows * config.clip_rows * 4 * inner // 32
+    if isinstance(config, (GPTQConfig, AWQConfig, RTNConfig)) or getattr(config, "bits", None):
+        terms["method"] += stream.peak_block_bytes() // 2  # int8 codes and the CPU kernel's packed copy
+    if isinstance(config, SLEBConfig):
+        states = (len(adapter.blocks) + 1) * n * s * hidden * 4  # the hidden state entering every kept block
+        terms["method"] = states + int(config.cache_gib * 2**30)
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def check_budget(adapter: Adapter, config, nsamples: int, seqlen: int, budget: int) -> dict[str, int]:
+    """The estimate of :func:`estimate_peak`; a run whose estimate exceeds ``budget`` bytes is refused in one line."""
+    terms = estimate_peak(adapter, config, nsamples, seqlen)
+    if terms["total"] > budget:
+        parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in terms.items() if k != "total" and v)
+        raise SlimformerError(f"{config.method} needs about {terms['total'] / 2**30:.2f} GiB ({parts} GiB), more than "
+                              f"--max-memory {budget / 2**30:.2f} GiB: use fewer or shorter calibration samples")
+    return terms

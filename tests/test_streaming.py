@@ -1,0 +1,183 @@
+"""Streaming from disk: the same weights as in memory for every method, resume after an interruption, sharded input and output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import VOCAB, random_ids, tiny_model, tiny_tokenizer
+from slimformer.errors import SlimformerError
+from slimformer.methods import (AWQConfig, GPTQConfig, MagnitudeConfig, RTNConfig, SLEBConfig, SparseGPTConfig,
+                                WandaConfig, apply)
+from slimformer.methods.memory import estimate_peak, parse_size
+from slimformer.models.loading import load_model, load_streamed, save_model
+from slimformer.models.streaming import INDEX, Stream, stream_of
+
+METHODS = {
+    "magnitude": MagnitudeConfig(sparsity=0.5),
+    "wanda": WandaConfig(sparsity=0.5),
+    "wanda-compressed": WandaConfig(sparsity=0.5, propagate="compressed"),
+    "sparsegpt-2:4": SparseGPTConfig(pattern="2:4"),
+    "sparsegpt-int4": SparseGPTConfig(sparsity=0.5, bits=4, group_size=16),
+    "rtn": RTNConfig(bits=4, group_size=16),
+    "gptq": GPTQConfig(bits=4, group_size=16),
+    "awq": AWQConfig(bits=4, group_size=16),
+    "sleb": SLEBConfig(blocks=1, protect=()),
+    "influence": SLEBConfig(blocks=1, criterion="influence"),
+}
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
+def in_memory(source: Path, config, samples, out: Path):
+    loaded = load_model(str(source))
+    result = apply(loaded.adapter, config, samples)
+    save_model(loaded.model, loaded.tokenizer, out)
+    return result
+
+
+def streamed(source: Path, config, samples, out: Path, **kwargs):
+    loaded = load_streamed(str(source), out, job={"method": config.method}, **kwargs)
+    result = apply(loaded.adapter, config, samples)
+    stream_of(loaded.adapter).commit(loaded.tokenizer)
+    return result
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    return save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "src")
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_streamed_run_writes_the_in_memory_weights(source, tmp_path, name):
+    samples = random_ids(4, 16)
+    expected = in_memory(source, METHODS[name], samples, tmp_path / "mem")
+    result = streamed(source, METHODS[name], samples, tmp_path / "str")
+    assert_same_weights(tmp_path / "mem", tmp_path / "str")
+    assert result.summary == expected.summary and result.layers == expected.layers
+    assert (tmp_path / "str" / INDEX).exists() and not list(tmp_path.glob(".*streaming"))
+    ids = random_ids(1, 12)
+    a, b = load_model(str(tmp_path / "mem")).model, load_model(str(tmp_path / "str")).model
+    assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma3", "opt", "qwen2"])
+@pytest.mark.parametrize("name", ["wanda", "gptq"])
+def test_streaming_other_families(tmp_path, family, name):
+    src = save_model(tiny_model(family), tiny_tokenizer(), tmp_path / "src")
+    samples = random_ids(3, 16)
+    in_memory(src, METHODS[name], samples, tmp_path / "mem")
+    streamed(src, METHODS[name], samples, tmp_path / "str")
+    assert_same_weights(tmp_path / "mem", tmp_path / "str")
+
+
+def test_sharded_checkpoint_round_trips(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    assert len(list((tmp_path / "src").glob("*.safetensors"))) > 3 and (tmp_path / "src" / INDEX).exists()
+    loaded = load_streamed(str(tmp_path / "src"), tmp_path / "copy")
+    assert all(p.is_meta for p in loaded.adapter.blocks[0].parameters())
+    stream_of(loaded.adapter).commit(loaded.tokenizer)
+    original = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or "lm_head.weight" in
+                tensors(tmp_path / "copy")}
+    copy = tensors(tmp_path / "copy")
+    assert copy.keys() == original.keys()
+    assert all(torch.equal(copy[k], original[k]) for k in copy)
+    ids = random_ids(1, 10)
+    assert torch.equal(load_model(str(tmp_path / "copy")).model(ids).logits, model(ids).logits)
+
+
+def test_resume_after_interruption_gives_the_same_model(source, tmp_path, monkeypatch):
+    config, samples = GPTQConfig(bits=4, group_size=16), random_ids(4, 16)
+    in_memory(source, config, samples, tmp_path / "mem")
+    write, calls = Stream.write, []
+
+    def interrupted(self, index, block):
+        if index == 2:
+            raise KeyboardInterrupt
+        calls.append(index)
+        write(self, index, block)
+
+    monkeypatch.setattr(Stream, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        streamed(source, config, samples, tmp_path / "str")
+    assert not (tmp_path / "str").exists() and (tmp_path / ".str.streaming" / "progress.json").exists()
+    monkeypatch.setattr(Stream, "write", write)
+    loads, load = [], Stream.load
+
+    def counted(self, block):
+        loads.append(next(i for i, b in enumerate(self.adapter.blocks) if b is block))
+        load(self, block)
+
+    monkeypatch.setattr(Stream, "load", counted)
+    result = streamed(source, config, samples, tmp_path / "str")
+    assert calls == [0, 1] and loads == [2]  # the finished blocks were not run again
+    assert_same_weights(tmp_path / "mem", tmp_path / "str")
+    assert result.summary["quantized_params"] > 0 and len(result.layers) == 21
+
+
+def test_a_different_job_does_not_resume(source, tmp_path, monkeypatch):
+    monkeypatch.setattr(Stream, "write", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        streamed(source, WandaConfig(sparsity=0.5), random_ids(2, 16), tmp_path / "str")
+    monkeypatch.undo()
+    streamed(source, WandaConfig(sparsity=0.3), random_ids(2, 16), tmp_path / "str")
+    in_memory(source, WandaConfig(sparsity=0.3), random_ids(2, 16), tmp_path / "mem")
+    assert_same_weights(tmp_path / "mem", tmp_path / "str")
+
+
+def test_memory_estimate_and_sizes(source, tmp_path):
+    loaded = load_streamed(str(source), tmp_path / "out")
+    small = estimate_peak(loaded.adapter, WandaConfig(), 2, 16)
+    big = estimate_peak(loaded.adapter, GPTQConfig(bits=4), 64, 2048)
+    assert big["activations"] == 2 * 64 * 2048 * 32 * 4 and big["total"] > small["total"]
+    assert small["block"] == sum(p.numel() for p in tiny_model("llama").model.layers[0].parameters()) * 4
+    with pytest.raises(SlimformerError, match="whole model in memory"):
+        from slimformer.methods import FinetuneConfig
+
+        estimate_peak(loaded.adapter, FinetuneConfig(steps=1), 2, 16)
+    assert parse_size("4GiB") == 4 * 2**30 and parse_size("1.5GB") == 1_500_000_000 and parse_size("512MiB") == 2**29
+    for bad in ("lots", "-1GiB", "4 parsecs"):
+        with pytest.raises(SlimformerError, match="memory size"):
+            parse_size(bad)
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "slimformer.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def test_cli_max_memory_refuses_a_budget_too_small_and_leaves_nothing(source, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
+    common = [str(source), "--calib", str(text), "--nsamples", "4", "--seqlen", "16"]
+    run = cli("quantize", *common, "--method", "gptq", "--group-size", "16", "--max-memory", "10MiB",
+              "--out", "q", cwd=tmp_path)
+    assert run.returncode != 0 and "more than --max-memory" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    run = cli("prune", *common, "--method", "wanda", "--max-memory", "many", "--out", "p", cwd=tmp_path)
+    assert run.returncode != 0 and "memory size" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "src"]
+    run = cli("prune", *common, "--method", "wanda", "--max-memory", "2GiB", "--out", "p", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "streamed within --max-memory" in run.stdout
+    assert load_model(str(tmp_path / "p")).model.model.layers[0].mlp.up_proj.weight.eq(0).float().mean() == 0.5
