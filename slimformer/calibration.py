@@ -6,10 +6,16 @@ block is replaced by a recorder, then runs one block at a time over the calibrat
 Activations live on the CPU between blocks; only the block being run is moved to ``device``.
 
 Memory: the accelerator holds one block plus one batch of activations; the host holds the
-inputs of the current block for all samples (``n × seqlen × hidden`` floats — 32 × 2048 ×
-8192 × 4 bytes ≈ 2 GiB for a 70B Llama) and the weights, which ``transformers`` memory-maps
-from safetensors. So a 70B model is compressed on a GPU that holds one of its blocks
-(≈ 1.7 GiB in bfloat16), not the 140 GiB of the whole model.
+inputs of the current block for all samples and the outputs being made. In float32 activations,
+with ``n`` samples of ``s`` tokens, hidden size ``h``, intermediate size ``i`` and batch ``b``:
+
+    peak ≈ W_block + 2·n·s·h·4 + b·s·(6h + 4i)·4 + M_method  (+ whatever else the process holds)
+
+(``M_method``: a Wanda norm vector; GPTQ/SparseGPT one ``w × w`` Hessian per distinct input width
+plus the working copies of the largest). For a 70B Llama block (h 8192, i 28672) and 16 × 2048
+samples that is 3.4 GiB of float32 weights + 2 GiB of hidden states + 1.1 GiB for one sample in
+flight. With a streamed model (:mod:`slimformer.models.streaming`) ``W_block`` is the only weight
+term: the other blocks stay on disk; otherwise ``transformers`` memory-maps them from safetensors.
 
 A method plugs in as a :class:`BlockVisitor`: ``targets`` names the modules whose inputs it
 wants, ``observe`` receives those inputs batch by batch (through forward pre-hooks that are
@@ -19,12 +25,13 @@ Three ways to feed a block's outputs to the next (``propagate``):
 
 - ``"compressed"`` (Wanda's and SparseGPT's reference code): one pass observes every target
   with the dense block, the targets are compressed, a second pass computes the outputs.
-- ``"sequential"``: one pass. Each sample's forward is a coroutine that pauses at every
-  target until all samples have been observed there; the module is compressed and they go
-  on, so later modules observe the outputs of compressed earlier ones (the "true
-  sequential" order of the GPTQ/SparseGPT code) and the pass ends with compressed outputs.
-  It halves the block compute of ``"compressed"``; its cost is memory: each paused sample
-  keeps its partial activations (about 30 MB per 2048-token sample for a 135M model).
+- ``"sequential"``: later modules observe the outputs of compressed earlier ones (the "true
+  sequential" order of the GPTQ/SparseGPT code). Each pass runs every sample up to the next
+  module to compress (q/k/v and gate/up, fed the same tensor, together) and stops there; the
+  module is compressed and the next pass starts; a last pass gives the compressed outputs.
+  Early passes stop early, so a Llama block costs about 2.2 forwards (``"compressed"``: 2), and
+  only one batch's activations are alive at a time: memory does not grow with the sample count
+  beyond the block's inputs and outputs.
 - ``"dense"``: one pass; the outputs of the dense block feed the next one.
 """
 
@@ -95,9 +102,11 @@ def _outer_to(adapter: Adapter, device: torch.device | str) -> None:
         if id(module) in in_blocks:
             continue
         for name, p in module.named_parameters(recurse=False):
-            p.data = p.data.to(device)
+            if not p.is_meta:  # a streamed model's head stays on disk until used
+                p.data = p.data.to(device)
         for name, b in module.named_buffers(recurse=False):
-            module._buffers[name] = b.to(device)
+            if not b.is_meta:
+                module._buffers[name] = b.to(device)
 
 
 def batches_of(samples: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -2,12 +2,14 @@
 
 The terms follow the block runner's memory (see :mod:`slimformer.calibration`): one block's
 weights in the compute dtype, the hidden states entering and leaving the block for every
-sample, one batch's activations inside the block, and what the method keeps (Hessians,
-input rows, cached states), on top of what the process holds already (interpreter,
-libraries, embeddings and head).
+sample, one batch's activations inside the block, the cast copy of a finished block being
+written, and what the method keeps (Hessians, input rows, cached states), on top of what the
+process holds already (interpreter, libraries, embeddings).
 """
 
 from __future__ import annotations
+
+import torch
 
 from slimformer.errors import SlimformerError
 from slimformer.machine import current_rss_bytes
@@ -59,13 +61,15 @@ def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[
         "activations": 2 * n * s * hidden * 4,  # the block's inputs and outputs for every sample
         "pass": batch * s * (6 * hidden + 4 * inner) * 4,  # one batch inside the block
         "method": 0,
+        # a finished block is cast to the output dtype and serialised whole before its shard is written
+        "write": 2 * stream.peak_block_bytes() * torch.finfo(stream.out_dtype).bits // torch.finfo(stream.dtype).bits,
     }
-    rows = max(w[0] for w in widths)
+    largest = max(w[0] * w[1] for w in widths)  # elements of the largest weight matrix
     if isinstance(config, (GPTQConfig, SparseGPTConfig)) or getattr(config, "then", None) == "gptq":
         distinct = sorted({w[1] for w in widths})  # one Hessian per distinct input width kept for the block
-        terms["method"] = sum(w * w * 4 for w in distinct) + 2 * inner * inner * 4 + 3 * rows * inner * 4
+        terms["method"] = sum(w * w * 4 for w in distinct) + 2 * inner * inner * 4 + 3 * largest * 4
     if isinstance(config, AWQConfig):
-        terms["method"] += 4 * config.max_rows * inner * 4 + 2 * rows * config.clip_rows * 4 * inner // 32
+        terms["method"] += 4 * config.max_rows * inner * 4 + 2 * largest * config.clip_rows * 4 // 32
     if isinstance(config, (GPTQConfig, AWQConfig, RTNConfig)) or getattr(config, "bits", None):
         terms["method"] += stream.peak_block_bytes() // 2  # int8 codes and the CPU kernel's packed copy
     if isinstance(config, SLEBConfig):

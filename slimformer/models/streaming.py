@@ -39,7 +39,6 @@ from slimformer.models.quantized import quantized_modules
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
-_SIZES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class Checkpoint:
@@ -60,13 +59,16 @@ class Checkpoint:
                 with safe_open(file, "pt") as f:
                     self.file_of.update({k: file for k in f.keys()})
         self._open: dict[Path, Any] = {}
-        self._meta: dict[str, tuple[str, list[int]]] = {}
 
     def _handle(self, key: str):
         file = self.file_of[key]
         if file not in self._open:
             self._open[file] = safe_open(file, "pt")
         return self._open[file]
+
+    def close(self) -> None:
+        """Unmap the files: pages read stay out of this process's resident memory once a block is read."""
+        self._open.clear()
 
     def __contains__(self, key: str) -> bool:
         return key in self.file_of
@@ -76,18 +78,6 @@ class Checkpoint:
         if key not in self.file_of:
             raise SlimformerError(f"checkpoint {self.folder} has no tensor '{key}'")
         return self._handle(key).get_tensor(key)
-
-    def nbytes(self, prefix: str = "") -> int:
-        """Bytes on disk of the tensors whose names start with ``prefix``."""
-        total = 0
-        for key in self.file_of:
-            if key.startswith(prefix):
-                if key not in self._meta:
-                    sl = self._handle(key).get_slice(key)
-                    self._meta[key] = (sl.get_dtype(), sl.get_shape())
-                dtype, shape = self._meta[key]
-                total += _SIZES.get(dtype, 4) * int(torch.Size(shape).numel())
-        return total
 
 
 def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -172,19 +162,35 @@ class Stream:
 
     # -- weights ---------------------------------------------------------------------------------
     def _load_outer(self) -> None:
+        """Read what is outside the blocks, except an untied head: calibration never needs it (see :meth:`load_head`)."""
         prefix = self.adapter.block_prefix + "."
         head = self.model.get_output_embeddings()
-        tied_head = {f"{n}.weight" for n, m in self.model.named_modules() if m is head} \
-            if getattr(self.model.config, "tie_word_embeddings", False) else set()
+        head_names = {f"{n}.weight" for n, m in self.model.named_modules() if m is head}
+        tied = getattr(self.model.config, "tie_word_embeddings", False)
         for name, tensor in [*self.model.named_parameters(), *self.model.named_buffers()]:
-            if name.startswith(prefix) or not tensor.is_meta:
+            if name.startswith(prefix) or not tensor.is_meta or name in head_names:
                 continue
-            if name in self.source:
-                _assign(self.model, name, self.source.read(name).to(self.dtype))
-            elif name not in tied_head:
+            if name not in self.source:
                 raise SlimformerError(f"streaming needs the checkpoint's tensor names to match the model's: "
                                       f"{self.source.folder} has no '{name}'")
+            _assign(self.model, name, self.source.read(name).to(self.dtype))
+        self.source.close()
         self.model.tie_weights()
+        if not tied:
+            for name in head_names:
+                if name not in self.source:
+                    raise SlimformerError(f"streaming needs the checkpoint's tensor names to match the model's: "
+                                          f"{self.source.folder} has no '{name}'")
+
+    def load_head(self) -> None:
+        """Read the output head (block scoring by loss and head quantization need it)."""
+        head = self.model.get_output_embeddings()
+        if head is None or is_loaded(head):
+            return
+        name = next(n for n, m in self.model.named_modules() if m is head)
+        for key, _ in [*head.named_parameters(), *head.named_buffers()]:
+            _assign(head, key, self.source.read(f"{name}.{key}").to(self.dtype))
+        self.source.close()
 
     def load(self, block: nn.Module) -> None:
         """Read ``block``'s weights from the source checkpoint (where it started, before any block was removed)."""
@@ -193,6 +199,7 @@ class Stream:
         src = self.source_of[id(block)]
         for name, _ in [*block.named_parameters(), *block.named_buffers()]:
             _assign(block, name, self.source.read(src + name).to(self.dtype))
+        self.source.close()
 
     def release(self, block: nn.Module) -> None:
         """Drop ``block``'s weights from memory."""
@@ -216,16 +223,6 @@ class Stream:
             sizes.append(numel * scale)
         return int(max(sizes, default=0))
 
-    def outer_bytes(self) -> int:
-        """Bytes held in memory for the whole run: embeddings, final norm, head."""
-        prefix = self.adapter.block_prefix + "."
-        seen, total = set(), 0
-        for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
-            if not name.startswith(prefix) and id(t) not in seen:
-                seen.add(id(t))
-                total += t.numel() * t.element_size()
-        return total
-
     # -- the output ------------------------------------------------------------------------------
     def commit(self, tokenizer=None) -> Path:
         """Write what is not written yet, the config, tokenizer and index, and move the model to the output path."""
@@ -240,6 +237,7 @@ class Stream:
                 if not was_loaded:
                     self.release(block)
             files.append(self.written[id(block)][1])
+        self.load_head()
         prefix = self.adapter.block_prefix + "."
         outer = {k: v for k, v in checkpoint_tensors(self.model, "", self.out_dtype, skip=(prefix,)).items()}
         with atomic_path(self.work / "outer.safetensors") as tmp:
@@ -289,3 +287,10 @@ class Stream:
 def stream_of(adapter: Adapter) -> Stream | None:
     """The stream backing ``adapter``'s model, or None for a model in memory."""
     return adapter.model.__dict__.get("adapter_stream")
+
+
+def ensure_head(adapter: Adapter) -> None:
+    """Make sure the output head is in memory (a streamed model reads it on first use)."""
+    stream = stream_of(adapter)
+    if stream is not None:
+        stream.load_head()

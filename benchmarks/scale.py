@@ -1,0 +1,181 @@
+"""A model larger than this machine's memory, compressed block by block from disk: peak RSS, seconds per block, disk traffic.
+
+The script writes a random-weight Llama checkpoint of Llama-2-13B shapes (hidden 5120, intermediate
+13824, 40 heads, 40 blocks; bfloat16, ≈ 26 GB, SmolLM2's tokenizer and vocabulary so WikiText-2
+calibration text tokenizes) one block-shard at a time, never whole in memory; then each method
+runs streamed (``slimformer run --max-memory``-style, in a fresh process so its peak RSS is its
+own) and the output's sparsity or bit width is checked from a few tensors. Everything it wrote is
+removed at the end. Disk needed: the checkpoint (≈ 26 GB) plus the largest output (Wanda's
+bfloat16 copy, ≈ 26 GB) — pass ``--keep-going`` to delete each output before the next method.
+
+    python scale.py                                # wanda then gptq on the 13B shapes, 4 × 512 tokens
+    python scale.py --methods wanda --layers 8     # a shorter run: 8 blocks of the same shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from common import write_result
+
+SHAPES = {"13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
+                      num_hidden_layers=40),
+          "70b-block": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                            num_hidden_layers=1)}
+
+
+def write_checkpoint(folder: Path, shape: dict, layers: int) -> dict:
+    """A random bfloat16 Llama checkpoint, one shard per block plus one for the rest, with an index."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from slimformer.models.loading import resolve_alias, gguf_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_checkpoint(resolve_alias("smollm2-135m")))
+    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, vocab_size=len(tokenizer),
+                         max_position_embeddings=4096, tie_word_embeddings=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config.dtype = torch.bfloat16
+    folder.mkdir(parents=True)
+    h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * (h_d := config.hidden_size // config.num_attention_heads)
+    block = {"self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+             "self_attn.o_proj.weight": (h, h), "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h),
+             "mlp.down_proj.weight": (h, i), "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total, start = {}, 0, time.perf_counter()
+    n = layers + 1
+    for k in range(n):
+        if k < layers:
+            tensors = {f"model.layers.{k}.{name}": (torch.ones(s) if len(s) == 1 else
+                                                     torch.randn(s, generator=gen) * (0.02 if "down" not in name else 0.01))
+                       for name, s in block.items()}
+        else:
+            v = config.vocab_size
+            tensors = {"model.embed_tokens.weight": torch.randn((v, h), generator=gen) * 0.02,
+                       "model.norm.weight": torch.ones(h), "lm_head.weight": torch.randn((v, h), generator=gen) * 0.02}
+        tensors = {key: t.to(torch.bfloat16) for key, t in tensors.items()}
+        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        total += sum(t.numel() * 2 for t in tensors.values())
+        weight_map.update({key: name for key in tensors})
+        del tensors
+        print(f"\rwrote shard {k + 1}/{n} ({total / 1e9:.1f} GB)", end="", flush=True)
+    print()
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map}))
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return {"bytes": total, "seconds": time.perf_counter() - start, "head_dim": h_d}
+
+
+def child(spec: dict) -> None:
+    """One streamed method run (in its own process): prints a JSON line with its figures."""
+    from slimformer.machine import peak_rss_gib
+    from slimformer.methods import GPTQConfig, WandaConfig
+    from slimformer.methods.memory import parse_size
+    from slimformer.recipes import Calibration, Measure, Recipe, run_streamed
+
+    torch.set_num_threads(spec["threads"])
+    config = {"wanda": WandaConfig(sparsity=0.5), "gptq": GPTQConfig(bits=4, group_size=128)}[spec["method"]]
+    recipe = Recipe(steps=(config,), model=spec["model"], calibration=Calibration("wikitext2:valid", spec["nsamples"],
+                                                                                   spec["seqlen"]),
+                    measure=Measure(ppl_windows=0, speed=False))
+    io_before = _io()
+    start = time.perf_counter()
+    summary = run_streamed(recipe, spec["out"], max_memory=parse_size(spec["max_memory"]), overwrite=True,
+                           out_dtype="bfloat16", progress=False)
+    seconds = time.perf_counter() - start
+    io_after = _io()
+    step = summary["steps"][0]
+    print(json.dumps({"seconds": seconds, "method_seconds": step["result"]["seconds"],
+                      "peak_rss_gib": peak_rss_gib(), "method_peak_rss_gib": step["result"]["peak_rss_gib"],
+                      "estimate_gib": step["estimate_bytes"]["total"] / 2**30,
+                      "read_gb": (io_after["read_bytes"] - io_before["read_bytes"]) / 1e9,
+                      "written_gb": (io_after["write_bytes"] - io_before["write_bytes"]) / 1e9,
+                      "summary": {k: v for k, v in step["result"]["summary"].items() if not isinstance(v, (dict, list))}}))
+
+
+def _io() -> dict[str, int]:
+    """This process's bytes read from and written to storage (/proc/self/io)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {k: int(v) for k, v in fields.items()}
+
+
+def check_output(folder: Path, method: str, layers: int) -> dict:
+    """Sparsity or bit width of a few output tensors (first, middle and last block)."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    found = {}
+    for k in sorted({0, layers // 2, layers - 1}):
+        for proj in ("self_attn.q_proj", "mlp.down_proj"):
+            name = f"model.layers.{k}.{proj}"
+            key = f"{name}.weight" if method == "wanda" else f"{name}.weight_packed"
+            with safe_open(folder / index[key], "pt") as f:
+                t = f.get_tensor(key)
+                if method == "wanda":
+                    found[name] = {"zeros": float((t == 0).float().mean()), "dtype": str(t.dtype)}
+                else:
+                    shape = f.get_tensor(f"{name}.weight_shape").tolist()
+                    found[name] = {"bits_per_weight": t.numel() * 32 / (shape[0] * shape[1]),
+                                   "scales": list(f.get_tensor(f"{name}.weight_scale").shape)}
+    return found
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--shape", default="13b", choices=list(SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="blocks to write (default: all of the shape)")
+    p.add_argument("--methods", default="wanda,gptq")
+    p.add_argument("--nsamples", type=int, default=4)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-memory", default="4GiB")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dir", default="/tmp/slimformer-scale", help="where the checkpoint and outputs go")
+    args = p.parse_args()
+    if args.child:
+        return child(json.loads(args.child))
+    shape = SHAPES[args.shape]
+    layers = args.layers or shape["num_hidden_layers"]
+    root = Path(args.dir)
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        made = write_checkpoint(root / "model", shape, layers)
+        print(f"checkpoint: {made['bytes'] / 1e9:.1f} GB in {made['seconds']:.0f} s")
+        rows, payload = [("checkpoint", f"{args.shape} shapes, {layers} blocks, {made['bytes'] / 1e9:.1f} GB bfloat16 "
+                                        f"(written in {made['seconds']:.0f} s)")], {"checkpoint": made, "runs": {}}
+        for method in args.methods.split(","):
+            out = root / f"out-{method}"
+            spec = {"method": method, "model": str(root / "model"), "out": str(out), "nsamples": args.nsamples,
+                    "seqlen": args.seqlen, "max_memory": args.max_memory, "threads": args.threads}
+            proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
+            figures = json.loads(proc.stdout.strip().splitlines()[-1])
+            figures["output"] = check_output(out, method, layers)
+            figures["output_gb"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
+            payload["runs"][method] = figures
+            rows += [(f"{method}: peak RSS (whole process)", f"{figures['peak_rss_gib']:.2f} GiB "
+                      f"(estimate {figures['estimate_gib']:.2f}, budget {args.max_memory})"),
+                     (f"{method}: seconds per block", f"{figures['method_seconds'] / layers:.1f} "
+                      f"({figures['method_seconds']:.0f} s for {layers} blocks)"),
+                     (f"{method}: disk read / written", f"{figures['read_gb']:.1f} GB / {figures['written_gb']:.1f} GB"),
+                     (f"{method}: output", f"{figures['output_gb']:.1f} GB; " +
+                      "; ".join(f"{k.split('layers.')[1]}: {v}" for k, v in figures["output"].items()))]
+            shutil.rmtree(out)
+        payload["settings"] = vars(args)
+        write_result(f"scale_{args.shape}" + (f"_{layers}blocks" if args.layers else ""), payload, rows)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
