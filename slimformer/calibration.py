@@ -240,7 +240,11 @@ class BlockRunner:
         if samples is None:
             self.hidden, self.calls = [], [[] for _ in adapter.blocks]
         else:
+            if self.stream is not None:
+                self.stream.load_module(adapter.model.get_input_embeddings())
             self.hidden, self.calls = capture(adapter, batches_of(samples, batch_size), device)
+            if self.stream is not None:
+                self.stream.release_embeddings()
 
     @contextlib.contextmanager
     def _block(self, index: int, block: nn.Module | None = None) -> Iterator[nn.Module]:

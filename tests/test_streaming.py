@@ -27,6 +27,7 @@ METHODS = {
     "sparsegpt-int4": SparseGPTConfig(sparsity=0.5, bits=4, group_size=16),
     "rtn": RTNConfig(bits=4, group_size=16),
     "gptq": GPTQConfig(bits=4, group_size=16),
+    "gptq-head-embedding": GPTQConfig(bits=4, group_size=16, head=True, embedding=True),
     "awq": AWQConfig(bits=4, group_size=16),
     "sleb": SLEBConfig(blocks=1, protect=()),
     "influence": SLEBConfig(blocks=1, criterion="influence"),
@@ -80,7 +81,7 @@ def test_streamed_run_writes_the_in_memory_weights(source, tmp_path, name):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma3", "opt", "qwen2"])
-@pytest.mark.parametrize("name", ["wanda", "gptq"])
+@pytest.mark.parametrize("name", ["wanda", "gptq", "sleb"])
 def test_streaming_other_families(tmp_path, family, name):
     src = save_model(tiny_model(family), tiny_tokenizer(), tmp_path / "src")
     samples = random_ids(3, 16)

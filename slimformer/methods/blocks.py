@@ -33,7 +33,7 @@ from slimformer.calibration import BlockRunner
 from slimformer.errors import SlimformerError
 from slimformer.methods.base import MethodResult, config_dict, register
 from slimformer.models.adapters import Adapter, next_token_nll
-from slimformer.models.streaming import ensure_head
+from slimformer.models.streaming import ensure_loaded
 from slimformer.models.surgery import remove_blocks
 
 CRITERIA = ("iterative", "oneshot", "influence")
@@ -83,7 +83,7 @@ class SLEBConfig:
 def lm_nll(adapter: Adapter, hidden: list[torch.Tensor], samples: list[torch.Tensor]) -> float:
     """Mean next-token NLL of the calibration samples from the last block's hidden states (before the final norm)."""
     total, count = 0.0, 0
-    ensure_head(adapter)
+    ensure_loaded(adapter, adapter.head)
     with torch.no_grad():
         for h, ids in zip(hidden, samples):
             total += next_token_nll(adapter, adapter.final_norm(h.to(next(iter([*adapter.head.parameters(), *adapter.head.buffers()])).device)), ids).sum().item()

@@ -27,7 +27,7 @@ from slimformer.methods.obs import obs_compress
 from slimformer.methods.statistics import InputStats, ModuleVisitor, StatsVisitor
 from slimformer.models.adapters import Adapter, weight_matrix
 from slimformer.models.quantized import install, scheme_summary
-from slimformer.models.streaming import ensure_head
+from slimformer.models.streaming import ensure_loaded
 from slimformer.models.quantizer import BITS, QuantizedWeight, QuantScheme, fake_quantize, qparams, quantize_weight
 
 AUTO_GROUPS = (128, 64, 32)  # group sizes tried, in order, when none is given for 2/3/4 bits
@@ -160,8 +160,8 @@ def _write_back(module: nn.Module, qweight: QuantizedWeight) -> None:
 def _head_and_embedding(adapter: Adapter, config: QuantConfig) -> dict[str, QuantizedWeight]:
     """RTN, per row, of ``lm_head`` and/or the input embedding (one table when they are tied)."""
     out: dict[str, QuantizedWeight] = {}
-    if config.head:
-        ensure_head(adapter)
+    ensure_loaded(adapter, adapter.head if config.head else None)
+    ensure_loaded(adapter, adapter.model.get_input_embeddings() if config.embedding else None)
     scheme = QuantScheme(config.head_bits, None, config.symmetric)
     model = adapter.model
     names = {m: n for n, m in model.named_modules()}

@@ -182,15 +182,30 @@ class Stream:
                     raise SlimformerError(f"streaming needs the checkpoint's tensor names to match the model's: "
                                           f"{self.source.folder} has no '{name}'")
 
+    def load_module(self, module: nn.Module) -> None:
+        """Read the parameters of a module outside the blocks (the head, an embedding) that are not in memory."""
+        if module is None or is_loaded(module):
+            return
+        name = next(n for n, m in self.model.named_modules() if m is module)
+        for key, p in module.named_parameters():
+            if p.is_meta:
+                _assign(module, key, self.source.read(f"{name}.{key}").to(self.dtype))
+        self.source.close()
+
     def load_head(self) -> None:
         """Read the output head (block scoring by loss and head quantization need it)."""
-        head = self.model.get_output_embeddings()
-        if head is None or is_loaded(head):
+        self.load_module(self.model.get_output_embeddings())
+
+    def release_embeddings(self) -> None:
+        """Drop the input embedding once the block inputs are recorded (it is read again to be written).
+
+        Kept when the head shares it: the tie must hold in memory for the checkpoint to store it once.
+        """
+        embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        if head is not None and head.weight is embed.weight:
             return
-        name = next(n for n, m in self.model.named_modules() if m is head)
-        for key, _ in [*head.named_parameters(), *head.named_buffers()]:
-            _assign(head, key, self.source.read(f"{name}.{key}").to(self.dtype))
-        self.source.close()
+        for key, p in embed.named_parameters():
+            _assign(embed, key, torch.empty_like(p, device="meta"))
 
     def load(self, block: nn.Module) -> None:
         """Read ``block``'s weights from the source checkpoint (where it started, before any block was removed)."""
@@ -238,6 +253,7 @@ class Stream:
                     self.release(block)
             files.append(self.written[id(block)][1])
         self.load_head()
+        self.load_module(self.model.get_input_embeddings())
         prefix = self.adapter.block_prefix + "."
         outer = {k: v for k, v in checkpoint_tensors(self.model, "", self.out_dtype, skip=(prefix,)).items()}
         with atomic_path(self.work / "outer.safetensors") as tmp:
@@ -289,8 +305,8 @@ def stream_of(adapter: Adapter) -> Stream | None:
     return adapter.model.__dict__.get("adapter_stream")
 
 
-def ensure_head(adapter: Adapter) -> None:
-    """Make sure the output head is in memory (a streamed model reads it on first use)."""
+def ensure_loaded(adapter: Adapter, module: nn.Module | None) -> None:
+    """Make sure ``module`` (the head, an embedding) is in memory: a streamed model reads it on first use."""
     stream = stream_of(adapter)
-    if stream is not None:
-        stream.load_head()
+    if stream is not None and module is not None:
+        stream.load_module(module)
