@@ -65,3 +65,36 @@ def test_minilm_loads_as_a_bert_encoder():
         expected = loaded.model(input_ids=ids).last_hidden_state
     hidden = torch.cat(BlockRunner(loaded.adapter, ids, progress=False).run())
     assert_close_scaled(hidden, expected)
+
+
+_PEAK = ("import atexit, runpy, sys\n"
+         "atexit.register(lambda: print('VmHWM', next(l.split()[1] for l in open('/proc/self/status') "
+         "if l.startswith('VmHWM')), file=sys.stderr))\n"
+         "sys.argv = ['slimformer', *sys.argv[1:]]\n"
+         "runpy.run_module('slimformer.cli', run_name='__main__')\n")
+
+
+def _cli_peak_kib(tmp_path, *args) -> int:
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _PEAK, *args], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "TQDM_DISABLE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    return int(next(line.split()[1] for line in run.stderr.splitlines() if line.startswith("VmHWM")))
+
+
+def test_smollm_wanda_streamed_under_max_memory_peaks_lower_and_writes_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["prune", "smollm2-135m", "--method", "wanda", "--nsamples", "2", "--seqlen", "256", "--threads", "2"]
+    dense_peak = _cli_peak_kib(tmp_path, *common, "--out", "mem")
+    streamed_peak = _cli_peak_kib(tmp_path, *common, "--max-memory", "1GiB", "--out", "str")
+    assert streamed_peak < 0.8 * dense_peak, (streamed_peak, dense_peak)
+    mem, streamed = load_file(tmp_path / "mem" / "model.safetensors"), {}
+    for file in (tmp_path / "str").glob("*.safetensors"):
+        streamed.update(load_file(file))
+    assert mem.keys() == streamed.keys()
+    assert all(torch.equal(mem[k], streamed[k]) for k in mem)
+    print(f"peak RSS: in memory {dense_peak / 2**20:.2f} GiB, streamed {streamed_peak / 2**20:.2f} GiB")

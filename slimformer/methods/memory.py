@@ -55,8 +55,9 @@ def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[
     calibrated = getattr(config, "needs_samples", True) and not isinstance(config, (MagnitudeConfig, RTNConfig))
     n, s = (nsamples, seqlen) if calibrated else (0, 0)
     batch = min(getattr(config, "batch_size", 1), max(n, 1))
+    now, embedding = current_rss_bytes(), stream.releasable_bytes() if calibrated else 0
     terms = {
-        "process": current_rss_bytes(),  # interpreter, libraries, embeddings, final norm, head
+        "process": now - embedding,  # interpreter, libraries, final norm; the embedding goes after the capture
         "block": stream.peak_block_bytes(),
         "activations": 2 * n * s * hidden * 4,  # the block's inputs and outputs for every sample
         "pass": batch * s * (6 * hidden + 4 * inner) * 4,  # one batch inside the block
@@ -75,7 +76,8 @@ def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[
     if isinstance(config, SLEBConfig):
         states = (len(adapter.blocks) + 1) * n * s * hidden * 4  # the hidden state entering every kept block
         terms["method"] = states + int(config.cache_gib * 2**30)
-    terms["total"] = sum(terms.values())
+    # the capture pass, before the embedding is dropped, holds it and the block inputs only
+    terms["total"] = max(sum(terms.values()), now + terms["activations"] // 2)
     return terms
 
 

@@ -152,13 +152,83 @@ def gguf_checkpoint(gguf: Path) -> Path:
     log.info("de-quantising %s once; the float checkpoint is cached at %s", gguf.name, target)
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
-    # The weights are float now: drop the GGUF markers so the checkpoint saves and loads as a plain model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    save_model(model, tokenizer, target, overwrite=True)
+    with atomic_dir(target, overwrite=True) as tmp:
+        if _convert_by_tensor(gguf, tmp):
+            tokenizer.save_pretrained(tmp)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+            # The weights are float now: drop the GGUF markers so the checkpoint saves and loads as a plain model.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            write_model(model, tokenizer, tmp)
     return target
+
+
+def _convert_by_tensor(gguf: Path, folder: Path, shard_bytes: int = 2 * 2**30) -> bool:
+    """Write a GGUF file's weights as float32 safetensors shards, one tensor de-quantised at a time.
+
+    Uses transformers' own GGUF name map and per-tensor processors (the q/k row order of llama.cpp
+    undone), so the values are those ``from_pretrained(gguf_file=…)`` loads, without the whole model
+    in memory. Returns False, having written nothing, for architectures whose processor merges
+    tensors (MoE experts): those are converted whole.
+    """
+    import numpy as np
+    from accelerate import init_empty_weights
+    from gguf import GGUFReader, dequantize
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS, Gemma2TensorProcessor, LlamaTensorProcessor, TensorProcessor, get_gguf_hf_weights_map,
+        load_gguf_checkpoint, read_field)
+
+    reader = GGUFReader(gguf)
+    processor_class = TENSOR_PROCESSORS.get(read_field(reader, "general.architecture")[0], TensorProcessor)
+    if processor_class not in (TensorProcessor, LlamaTensorProcessor, Gemma2TensorProcessor):
+        return False
+    parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    processor = processor_class(config=parsed["config"])
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    files: list[str] = []
+
+    def flush() -> None:
+        if shards[-1]:
+            name = f"part-{len(files):05d}.safetensors"
+            save_file(shards[-1], str(folder / name), metadata={"format": "pt"})
+            files.append(name)
+            shards[-1] = {}
+
+    for tensor in reader.tensors:
+        result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+                                   tensor_key_mapping=names, parsed_parameters=parsed)
+        if result.name not in names:
+            continue
+        shards[-1][names[result.name]] = torch.from_numpy(np.copy(result.weights)).float()
+        if sum(t.numel() * 4 for t in shards[-1].values()) >= shard_bytes:
+            flush()
+    flush()
+    if len(files) == 1:
+        os.replace(folder / files[0], folder / "model.safetensors")
+    else:
+        weight_map = {}
+        for k, name in enumerate(files):
+            final = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+            os.replace(folder / name, folder / final)
+            with safe_open(folder / final, "pt") as f:
+                weight_map.update({key: final for key in f.keys()})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config.dtype = torch.float32
+    config.architectures = [type(skeleton).__name__]
+    config.save_pretrained(folder)
+    if skeleton.generation_config is not None:
+        skeleton.generation_config.save_pretrained(folder)
+    return True
 
 
 def check_safetensors(folder: Path) -> None:

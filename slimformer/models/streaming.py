@@ -196,6 +196,13 @@ class Stream:
         """Read the output head (block scoring by loss and head quantization need it)."""
         self.load_module(self.model.get_output_embeddings())
 
+    def releasable_bytes(self) -> int:
+        """Bytes :meth:`release_embeddings` frees once the block inputs are recorded."""
+        embed, head = self.model.get_input_embeddings(), self.model.get_output_embeddings()
+        if (head is not None and head.weight is embed.weight) or not is_loaded(embed):
+            return 0
+        return sum(p.numel() * p.element_size() for p in embed.parameters())
+
     def release_embeddings(self) -> None:
         """Drop the input embedding once the block inputs are recorded (it is read again to be written).
 
