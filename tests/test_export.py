@@ -236,3 +236,23 @@ def test_tied_quantized_head_is_written_once(family, tmp_path):
     export_gguf((model, bpe_tokenizer()), tmp_path / "t.gguf", "f16")
     names = {t.name for t in gguf.GGUFReader(tmp_path / "t.gguf").tensors}
     assert "token_embd.weight" in names and "output.weight" not in names
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_gguf_source_is_converted_tensor_by_tensor_as_transformers_loads_it(family, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from slimformer.models import loading
+
+    model = gguf_model(family)
+    path = tmp_path / "m.gguf"
+    export_gguf((model, bpe_tokenizer()), path, "f32")
+    whole = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
+    monkeypatch.setenv("SLIMFORMER_CACHE", str(tmp_path / "cache"))
+    converted = loading.gguf_checkpoint(path)
+    tensors = load_file(converted / "model.safetensors")
+    assert set(tensors) <= set(whole) and set(whole) - set(tensors) <= {"lm_head.weight"}
+    assert all(torch.equal(tensors[k], whole[k]) for k in tensors)
+    if family != "gemma3":  # transformers' GGUF config of Gemma 3 has no per-layer sliding windows
+        ids = torch.tensor([PROMPT])
+        assert torch.allclose(loading.load_model(str(path)).model(ids).logits, model(ids).logits, atol=1e-5)
