@@ -1,8 +1,8 @@
 """Load a model from an alias, a local directory, a GGUF file or a hub id; save it atomically as safetensors.
 
 Loading never unpickles (``use_safetensors=True``) and never runs remote code unless the
-caller passes ``trust_remote_code=True``. A GGUF file is de-quantised once by
-``transformers`` and cached as a float safetensors checkpoint, so the next load is fast.
+caller passes ``trust_remote_code=True``. A GGUF file is de-quantised once, one tensor at a
+time, and cached as a float safetensors checkpoint, so the next load is fast.
 """
 
 from __future__ import annotations
