@@ -10,6 +10,8 @@ bfloat16 copy, ≈ 26 GB) — pass ``--keep-going`` to delete each output before
 
     python scale.py                                # wanda then gptq on the 13B shapes, 4 × 512 tokens
     python scale.py --methods wanda --layers 8     # a shorter run: 8 blocks of the same shapes
+    python scale.py --shape 70b-block --methods wanda --nsamples 16 --seqlen 2048 --max-memory 24GiB
+                                                   # one 70B-shaped block: the sequential mode's peak vs the formula
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def child(spec: dict) -> None:
     print(json.dumps({"seconds": seconds, "method_seconds": step["result"]["seconds"],
                       "peak_rss_gib": peak_rss_gib(), "method_peak_rss_gib": step["result"]["peak_rss_gib"],
                       "estimate_gib": step["estimate_bytes"]["total"] / 2**30,
+                      "estimate_terms_gib": {k: v / 2**30 for k, v in step["estimate_bytes"].items()},
                       "read_gb": (io_after["read_bytes"] - io_before["read_bytes"]) / 1e9,
                       "written_gb": (io_after["write_bytes"] - io_before["write_bytes"]) / 1e9,
                       "summary": {k: v for k, v in step["result"]["summary"].items() if not isinstance(v, (dict, list))}}))
@@ -163,8 +166,9 @@ def main() -> None:
             figures["output"] = check_output(out, method, layers)
             figures["output_gb"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
             payload["runs"][method] = figures
+            terms = ", ".join(f"{k} {v:.2f}" for k, v in figures["estimate_terms_gib"].items() if k != "total" and v)
             rows += [(f"{method}: peak RSS (whole process)", f"{figures['peak_rss_gib']:.2f} GiB "
-                      f"(estimate {figures['estimate_gib']:.2f}, budget {args.max_memory})"),
+                      f"(estimate {figures['estimate_gib']:.2f} = {terms}; budget {args.max_memory})"),
                      (f"{method}: seconds per block", f"{figures['method_seconds'] / layers:.1f} "
                       f"({figures['method_seconds']:.0f} s for {layers} blocks)"),
                      (f"{method}: disk read / written", f"{figures['read_gb']:.1f} GB / {figures['written_gb']:.1f} GB"),
