@@ -259,10 +259,12 @@ class Stream:
                 if not was_loaded:
                     self.release(block)
             files.append(self.written[id(block)][1])
-        self.load_head()
-        self.load_module(self.model.get_input_embeddings())
         prefix = self.adapter.block_prefix + "."
-        outer = {k: v for k, v in checkpoint_tensors(self.model, "", self.out_dtype, skip=(prefix,)).items()}
+        # a head or embedding still on disk is unchanged: copied straight into the output dtype
+        on_disk = [n for n, t in self.model.state_dict(keep_vars=True).items() if t.is_meta and not n.startswith(prefix)]
+        outer = checkpoint_tensors(self.model, "", self.out_dtype, skip=(prefix, *on_disk))
+        outer.update({name: self.source.read(name).to(self.out_dtype) for name in on_disk})
+        self.source.close()
         with atomic_path(self.work / "outer.safetensors") as tmp:
             save_file(outer, tmp, metadata={"format": "pt"})
         total = len(files) + 1
