@@ -18,7 +18,9 @@ How to add a method (``methods/pruning.py`` is a complete example):
    :func:`select_linears` for ``targets``/``ignore``). A calibrated method implements a
    :class:`slimformer.calibration.BlockVisitor` (``targets``, ``observe``, ``compress``) and
    hands it to the one :class:`~slimformer.calibration.BlockRunner`: never a loop of its own
-   over blocks or samples. Surgery that changes shapes goes through
+   over blocks or samples. What the result reports about a block is recorded when the block
+   finishes (the visitor's ``finish`` / ``restore``, see ``statistics.ModuleVisitor``): a
+   streamed model (``--max-memory``) writes the block and drops it right after. Surgery that changes shapes goes through
    :mod:`slimformer.models.surgery`, so the config stays valid and stock ``transformers``
    loads the result.
 4. Import the module in ``methods/__init__.py`` (registration happens at import); the recipe
