@@ -37,11 +37,24 @@ def _cholesky(A: torch.Tensor, upper: bool = False) -> torch.Tensor:
     return factor
 
 
-def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """The upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = percdamp · mean diag(H)``."""
-    H = H.clone()
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float, *, dead: torch.Tensor | None = None,
+                           perm: torch.Tensor | None = None) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = percdamp · mean diag(H)``; ``H`` is not modified.
+
+    ``dead`` inputs get a diagonal of 1 first, and ``perm`` reorders rows and columns. The
+    function's own copy of ``H`` is the only one it keeps (each factor replaces it), so a
+    ``w × w`` Hessian costs about three such matrices at the peak, not five.
+    """
+    if dead is not None and dead.any():
+        H = H.clone()
+        H[dead, dead] = 1
+        H = H[perm][:, perm] if perm is not None else H
+    else:
+        H = H[perm][:, perm] if perm is not None else H.clone()
     H.diagonal().add_(percdamp * torch.diagonal(H).mean())
-    return _cholesky(torch.cholesky_inverse(_cholesky(H)), upper=True)
+    H = _cholesky(H)
+    H = torch.cholesky_inverse(H)
+    return _cholesky(H, upper=True)
 
 
 def _params(w: torch.Tensor, scheme: QuantScheme, mse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,10 +92,11 @@ def obs_compress(
     n_m = pm.parse_pattern(pattern)
     rows, cols = W.shape
     Wf = W.detach().float().clone()
-    H = H.detach().to(device=Wf.device, dtype=torch.float32).clone()
+    H = H.detach().to(device=Wf.device, dtype=torch.float32)  # not copied: only inverse_hessian_factor copies it
     fixed_zero = (Wf == 0) if keep_zeros else None
-    dead = torch.diagonal(H) == 0  # inputs that are always zero: their weights cannot matter
-    H[dead, dead] = 1
+    diag = torch.diagonal(H).clone()
+    dead = diag == 0  # inputs that are always zero: their weights cannot matter
+    diag[dead] = 1
     Wf[:, dead] = 0
     group = scheme.group_of(cols) if scheme else cols
     static = scheme is not None and (static_groups or act_order or group == cols)
@@ -93,11 +107,12 @@ def obs_compress(
         scale, zero = s.view(cols // group, rows).T.contiguous(), z.view(cols // group, rows).T.contiguous()
     elif scheme is not None:
         scale, zero = torch.ones(rows, cols // group), torch.zeros(rows, cols // group)
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols)
     if act_order:
-        Wf, H = Wf[:, perm], H[perm][:, perm]
+        Wf = Wf[:, perm]
         fixed_zero = fixed_zero[:, perm] if fixed_zero is not None else None
-    Hinv = inverse_hessian_factor(H, percdamp)
+    Hinv = inverse_hessian_factor(H, percdamp, dead=dead, perm=perm if act_order else None)
+    del H
     if n_m is not None:
         pm.check_n_m(cols, *n_m)
     step = math.lcm(n_m[1] if n_m else 1, group if scheme and not static else 1)
