@@ -176,7 +176,8 @@ def _convert_by_tensor(gguf: Path, folder: Path, shard_bytes: int = 2 * 2**30) -
     import numpy as np
     from accelerate import init_empty_weights
     from gguf import GGUFReader, dequantize
-    from safetensors import safe_open
+
+    from slimformer.models.streaming import name_shards
     from safetensors.torch import save_file
     from transformers.modeling_gguf_pytorch_utils import (
         TENSOR_PROCESSORS, Gemma2TensorProcessor, LlamaTensorProcessor, TensorProcessor, get_gguf_hf_weights_map,
@@ -194,35 +195,28 @@ def _convert_by_tensor(gguf: Path, folder: Path, shard_bytes: int = 2 * 2**30) -
         skeleton = AutoModelForCausalLM.from_config(config)
     processor = processor_class(config=parsed["config"])
     names = get_gguf_hf_weights_map(skeleton, processor)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard: dict[str, torch.Tensor] = {}
     files: list[str] = []
+    size = 0
 
     def flush() -> None:
-        if shards[-1]:
-            name = f"part-{len(files):05d}.safetensors"
-            save_file(shards[-1], str(folder / name), metadata={"format": "pt"})
-            files.append(name)
-            shards[-1] = {}
+        nonlocal shard, size
+        if shard:
+            files.append(f"part-{len(files):05d}.safetensors")
+            save_file(shard, str(folder / files[-1]), metadata={"format": "pt"})
+            shard, size = {}, 0
 
     for tensor in reader.tensors:
         result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
                                    tensor_key_mapping=names, parsed_parameters=parsed)
         if result.name not in names:
             continue
-        shards[-1][names[result.name]] = torch.from_numpy(np.copy(result.weights)).float()
-        if sum(t.numel() * 4 for t in shards[-1].values()) >= shard_bytes:
+        shard[names[result.name]] = torch.from_numpy(np.copy(result.weights)).float()
+        size += shard[names[result.name]].numel() * 4
+        if size >= shard_bytes:
             flush()
     flush()
-    if len(files) == 1:
-        os.replace(folder / files[0], folder / "model.safetensors")
-    else:
-        weight_map = {}
-        for k, name in enumerate(files):
-            final = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
-            os.replace(folder / name, folder / final)
-            with safe_open(folder / final, "pt") as f:
-                weight_map.update({key: final for key in f.keys()})
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    name_shards(folder, files)
     config.dtype = torch.float32
     config.architectures = [type(skeleton).__name__]
     config.save_pretrained(folder)

@@ -105,15 +105,20 @@ def checkpoint_tensors(module: nn.Module, prefix: str = "", dtype: torch.dtype |
     return state
 
 
-def write_quantized(model: nn.Module, folder: Path) -> list[str]:
-    """Write ``model.safetensors`` and ``config.json`` of a model holding quantized modules into ``folder``."""
+def config_with_quantization(model: nn.Module):
+    """``model.config`` with the ``quantization_config`` of its quantized modules (the float Linears ignored)."""
     modules = quantized_modules(model)
-    save_file(checkpoint_tensors(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in modules]
     config = model.config.to_dict()
     config["quantization_config"] = {"quant_method": "compressed-tensors", **quantization_config(modules, linears)}
-    model.config.__class__.from_dict(config).save_pretrained(folder)
-    return list(modules)
+    return model.config.__class__.from_dict(config)
+
+
+def write_quantized(model: nn.Module, folder: Path) -> list[str]:
+    """Write ``model.safetensors`` and ``config.json`` of a model holding quantized modules into ``folder``."""
+    save_file(checkpoint_tensors(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config_with_quantization(model).save_pretrained(folder)
+    return list(quantized_modules(model))
 
 
 def _scheme_of(args: dict) -> QuantScheme:

@@ -33,12 +33,32 @@ from torch import nn
 from slimformer.errors import SlimformerError
 from slimformer.files import atomic_path
 from slimformer.models.adapters import Adapter, get_adapter
-from slimformer.models.quant_storage import checkpoint_tensors, quantization_config
+from slimformer.models.quant_storage import checkpoint_tensors, config_with_quantization
 from slimformer.models.quantized import quantized_modules
 
 log = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
+
+
+def name_shards(folder: Path, files: list[str]) -> None:
+    """Rename weight files in ``folder`` to ``model.safetensors`` (one) or ``model-K-of-N.safetensors`` with an index.
+
+    The index is ``model.safetensors.index.json`` as ``save_pretrained`` writes it; files are
+    read for their tensor names only (headers).
+    """
+    if len(files) == 1:
+        os.replace(folder / files[0], folder / "model.safetensors")
+        return
+    weight_map, size = {}, 0
+    for k, file in enumerate(files):
+        name = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+        os.replace(folder / file, folder / name)
+        with safe_open(folder / name, "pt") as f:
+            weight_map.update({key: name for key in f.keys()})
+        size += (folder / name).stat().st_size
+    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
+                                           indent=2, sort_keys=True))
 
 
 class Checkpoint:
@@ -267,17 +287,7 @@ class Stream:
         self.source.close()
         with atomic_path(self.work / "outer.safetensors") as tmp:
             save_file(outer, tmp, metadata={"format": "pt"})
-        total = len(files) + 1
-        weight_map, size = {}, 0
-        for k, file in enumerate([*files, "outer.safetensors"]):
-            name = f"model-{k + 1:05d}-of-{total:05d}.safetensors"
-            os.replace(self.work / file, self.work / name)
-            with safe_open(self.work / name, "pt") as f:
-                for key in f.keys():
-                    weight_map[key] = name
-            size += (self.work / name).stat().st_size
-        (self.work / INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
-                                                  indent=2, sort_keys=True))
+        name_shards(self.work, [*files, "outer.safetensors"])
         self._write_config()
         if tokenizer is not None:
             tokenizer.save_pretrained(self.work)
@@ -291,15 +301,9 @@ class Stream:
         return self.out
 
     def _write_config(self) -> None:
-        config = self.model.config
-        config.dtype = self.out_dtype
-        modules = quantized_modules(self.model)
-        if modules:
-            linears = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear) and n not in modules]
-            data = config.to_dict()
-            data["quantization_config"] = {"quant_method": "compressed-tensors", **quantization_config(modules, linears)}
-            config = type(config).from_dict(data)
-        config.save_pretrained(self.work)
+        self.model.config.dtype = self.out_dtype
+        quantized = bool(quantized_modules(self.model))
+        (config_with_quantization(self.model) if quantized else self.model.config).save_pretrained(self.work)
         generation = getattr(self.model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(self.work)
