@@ -12,6 +12,8 @@ bfloat16 copy, ≈ 26 GB) — pass ``--keep-going`` to delete each output before
     python scale.py --methods wanda --layers 8     # a shorter run: 8 blocks of the same shapes
     python scale.py --shape 70b-block --methods wanda --nsamples 16 --seqlen 2048 --max-memory 24GiB
                                                    # one 70B-shaped block: the sequential mode's peak vs the formula
+    python scale.py --source smollm2-135m --methods wanda --nsamples 32 --seqlen 2048 --max-memory 4GiB \
+                    --activations memory,disk      # an existing model; hidden states in memory, then on disk
 """
 
 from __future__ import annotations
@@ -94,13 +96,14 @@ def child(spec: dict) -> None:
     io_before = _io()
     start = time.perf_counter()
     summary = run_streamed(recipe, spec["out"], max_memory=parse_size(spec["max_memory"]), overwrite=True,
-                           out_dtype="bfloat16", progress=False)
+                           out_dtype="bfloat16", progress=False, activations=spec["activations"])
     seconds = time.perf_counter() - start
     io_after = _io()
     step = summary["steps"][0]
     print(json.dumps({"seconds": seconds, "method_seconds": step["result"]["seconds"],
                       "peak_rss_gib": peak_rss_gib(), "method_peak_rss_gib": step["result"]["peak_rss_gib"],
                       "estimate_gib": step["estimate_bytes"]["total"] / 2**30,
+                      "activations_on_disk": step["activations_on_disk"],
                       "estimate_terms_gib": {k: v / 2**30 for k, v in step["estimate_bytes"].items()},
                       "read_gb": (io_after["read_bytes"] - io_before["read_bytes"]) / 1e9,
                       "written_gb": (io_after["write_bytes"] - io_before["write_bytes"]) / 1e9,
@@ -143,40 +146,56 @@ def main() -> None:
     p.add_argument("--max-memory", default="4GiB")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dir", default="/tmp/slimformer-scale", help="where the checkpoint and outputs go")
+    p.add_argument("--source", default=None,
+                   help="an existing model that fits in memory (alias, folder, GGUF) instead of a random checkpoint")
+    p.add_argument("--activations", default="auto",
+                   help="where the calibration hidden states live: auto, memory, disk, or a comma list to compare")
     args = p.parse_args()
     if args.child:
         return child(json.loads(args.child))
     shape = SHAPES[args.shape]
-    layers = args.layers or shape["num_hidden_layers"]
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
     try:
-        made = write_checkpoint(root / "model", shape, layers)
-        print(f"checkpoint: {made['bytes'] / 1e9:.1f} GB in {made['seconds']:.0f} s")
-        rows, payload = [("checkpoint", f"{args.shape} shapes, {layers} blocks, {made['bytes'] / 1e9:.1f} GB bfloat16 "
-                                        f"(written in {made['seconds']:.0f} s)")], {"checkpoint": made, "runs": {}}
-        for method in args.methods.split(","):
+        if args.source:
+            from slimformer.models.loading import load_model
+
+            model, layers = args.source, len(load_model(args.source).adapter.blocks)
+            rows, payload, name = [("model", f"{args.source}, {layers} blocks")], {"runs": {}}, args.source
+        else:
+            layers = args.layers or shape["num_hidden_layers"]
+            made = write_checkpoint(root / "model", shape, layers)
+            print(f"checkpoint: {made['bytes'] / 1e9:.1f} GB in {made['seconds']:.0f} s")
+            rows = [("checkpoint", f"{args.shape} shapes, {layers} blocks, {made['bytes'] / 1e9:.1f} GB bfloat16 "
+                                   f"(written in {made['seconds']:.0f} s)")]
+            payload, model = {"checkpoint": made, "runs": {}}, str(root / "model")
+            name = args.shape + (f"_{layers}blocks" if args.layers else "")
+        runs = [(m, a) for m in args.methods.split(",") for a in args.activations.split(",")]
+        for method, activations in runs:
             out = root / f"out-{method}"
-            spec = {"method": method, "model": str(root / "model"), "out": str(out), "nsamples": args.nsamples,
-                    "seqlen": args.seqlen, "max_memory": args.max_memory, "threads": args.threads}
+            spec = {"method": method, "model": model, "out": str(out), "nsamples": args.nsamples,
+                    "seqlen": args.seqlen, "max_memory": args.max_memory, "threads": args.threads,
+                    "activations": activations}
             proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
             if proc.returncode:
                 sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
             figures = json.loads(proc.stdout.strip().splitlines()[-1])
             figures["output"] = check_output(out, method, layers)
             figures["output_gb"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
-            payload["runs"][method] = figures
+            label = method if len(runs) == 1 and activations == "auto" else \
+                f"{method}, activations {'on disk' if figures['activations_on_disk'] else 'in memory'}"
+            payload["runs"][label] = figures
             terms = ", ".join(f"{k} {v:.2f}" for k, v in figures["estimate_terms_gib"].items() if k != "total" and v)
-            rows += [(f"{method}: peak RSS (whole process)", f"{figures['peak_rss_gib']:.2f} GiB "
+            rows += [(f"{label}: peak RSS (whole process)", f"{figures['peak_rss_gib']:.2f} GiB "
                       f"(estimate {figures['estimate_gib']:.2f} = {terms}; budget {args.max_memory})"),
-                     (f"{method}: seconds per block", f"{figures['method_seconds'] / layers:.1f} "
+                     (f"{label}: seconds per block", f"{figures['method_seconds'] / layers:.1f} "
                       f"({figures['method_seconds']:.0f} s for {layers} blocks)"),
-                     (f"{method}: disk read / written", f"{figures['read_gb']:.1f} GB / {figures['written_gb']:.1f} GB"),
-                     (f"{method}: output", f"{figures['output_gb']:.1f} GB; " +
+                     (f"{label}: disk read / written", f"{figures['read_gb']:.1f} GB / {figures['written_gb']:.1f} GB"),
+                     (f"{label}: output", f"{figures['output_gb']:.1f} GB; " +
                       "; ".join(f"{k.split('layers.')[1]}: {v}" for k, v in figures["output"].items()))]
             shutil.rmtree(out)
         payload["settings"] = vars(args)
-        write_result(f"scale_{args.shape}" + (f"_{layers}blocks" if args.layers else ""), payload, rows)
+        write_result(f"scale_{name}" + (f"_{args.nsamples}x{args.seqlen}" if args.source else ""), payload, rows)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -16,6 +16,10 @@ plus the working copies of the largest). For a 70B Llama block (h 8192, i 28672)
 samples that is 3.4 GiB of float32 weights + 2 GiB of hidden states + 1.1 GiB for one sample in
 flight. With a streamed model (:mod:`slimformer.models.streaming`) ``W_block`` is the only weight
 term: the other blocks stay on disk; otherwise ``transformers`` memory-maps them from safetensors.
+A streamed run whose budget the hidden states do not fit keeps them on disk as well (one file per
+batch, :class:`~slimformer.models.streaming.DiskStates`): the ``2·n·s·h·4`` term becomes
+``2·b·s·h·4``, one batch read and one written, at the cost of writing and reading ``n·s·h·4``
+bytes per block.
 
 A method plugs in as a :class:`BlockVisitor`: ``targets`` names the modules whose inputs it
 wants, ``observe`` receives those inputs batch by batch (through forward pre-hooks that are
@@ -117,14 +121,16 @@ def batches_of(samples: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def capture(adapter: Adapter, batches: Sequence[torch.Tensor], device: str = "cpu") -> tuple[list, list]:
+def capture(adapter: Adapter, batches: Sequence[torch.Tensor], device: str = "cpu",
+            hidden: list | None = None) -> tuple[list, list]:
     """Record the inputs of every block for every batch, without running any block.
 
     Returns ``(hidden, calls)``: the hidden states entering block 0 (one CPU tensor per
-    batch) and ``calls[block][batch]``, each block's other arguments.
+    batch, appended to ``hidden`` when given: a store on disk) and ``calls[block][batch]``,
+    each block's other arguments.
     """
     blocks = adapter.blocks
-    hidden: list[torch.Tensor] = []
+    hidden = [] if hidden is None else hidden
     calls: list[list[BlockCall]] = [[] for _ in blocks]
     memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -242,9 +248,13 @@ class BlockRunner:
         else:
             if self.stream is not None:
                 self.stream.load_module(adapter.model.get_input_embeddings())
-            self.hidden, self.calls = capture(adapter, batches_of(samples, batch_size), device)
+            self.hidden, self.calls = capture(adapter, batches_of(samples, batch_size), device, self._new_states())
             if self.stream is not None:
                 self.stream.release_embeddings()
+
+    def _new_states(self) -> list:
+        """Where a pass puts its per-batch outputs: a list, or files when a streamed run spills activations to disk."""
+        return self.stream.new_states() if self.stream is not None else []
 
     @contextlib.contextmanager
     def _block(self, index: int, block: nn.Module | None = None) -> Iterator[nn.Module]:
@@ -270,7 +280,7 @@ class BlockRunner:
         block is read from disk for the call.
         """
         memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        outs = []
+        outs = self._new_states()
         with self._block(index, block) as block, on_device(block, self.device):
             for k, (h, call) in enumerate(zip(hidden, self.calls[index][first:])):
                 self._batch = first + k

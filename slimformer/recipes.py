@@ -426,16 +426,18 @@ def run_recipe(recipe: str | Path | dict | Recipe, out: str | Path, *, model: st
 
 def run_streamed(recipe: str | Path | dict | Recipe, out: str | Path, *, max_memory: int, model: str | None = None,
                  overwrite: bool = False, progress: bool = True, dtype: str = "float32",
-                 out_dtype: str | None = None) -> dict:
+                 out_dtype: str | None = None, activations: str = "auto") -> dict:
     """Run a recipe's compressing steps with the model streamed from disk block by block (``--max-memory``).
 
     Each step reads the previous one's output shards and writes its own as blocks finish (see
     :mod:`slimformer.models.streaming`); an interrupted step resumes at its last finished block.
     Each step's estimated peak (:func:`slimformer.methods.memory.estimate_peak`) is checked
-    against ``max_memory`` bytes before it runs. Perplexity is not measured (it needs the whole
-    model); the output folder holds the model and ``run.json``.
+    against ``max_memory`` bytes before it runs; ``activations`` (auto, memory, disk) says
+    where the calibration hidden states live (auto: on disk only when they would not fit).
+    Perplexity is not measured (it needs the whole model); the output folder holds the model
+    and ``run.json``.
     """
-    from slimformer.methods.memory import STREAMABLE, check_budget
+    from slimformer.methods.memory import ACTIVATIONS, STREAMABLE, check_budget
     from slimformer.models.loading import load_streamed
     from slimformer.models.streaming import stream_of
 
@@ -445,6 +447,8 @@ def run_streamed(recipe: str | Path | dict | Recipe, out: str | Path, *, max_mem
     out = Path(out)
     if out.exists() and not overwrite:
         raise SlimformerError(f"output '{out}' exists; choose another path or pass --overwrite")
+    if activations not in ACTIVATIONS:
+        raise SlimformerError(f"activations must be one of {', '.join(ACTIVATIONS)}, not '{activations}'")
     for step in recipe.steps:
         if not isinstance(step, STREAMABLE):
             raise SlimformerError(f"step '{step.method}' needs the whole model in memory: run it without --max-memory")
@@ -467,13 +471,14 @@ def run_streamed(recipe: str | Path | dict | Recipe, out: str | Path, *, max_mem
         try:
             ctx = _Context(recipe, loaded, progress)
             needs = getattr(step, "needs_samples", True)
-            estimate = check_budget(loaded.adapter, step, c.nsamples, c.seqlen, max_memory)
+            estimate = check_budget(loaded.adapter, step, c.nsamples, c.seqlen, max_memory, activations)
             if progress:
-                print(f"step {i + 1}/{len(recipe.steps)}: {step.method}, streamed; estimated peak "
+                print(f"step {i + 1}/{len(recipe.steps)}: {step.method}, streamed"
+                      f"{', activations on disk' if stream.spill else ''}; estimated peak "
                       f"{estimate['total'] / 2**30:.2f} GiB of {max_memory / 2**30:.2f}")
             torch.manual_seed(recipe.seed + i)
             result = dataclasses.asdict(apply(loaded.adapter, step, ctx.samples if needs else None))
-            entry = {"result": result, "estimate_bytes": estimate}
+            entry = {"result": result, "estimate_bytes": estimate, "activations_on_disk": stream.spill}
             write_json(stream.work / "step.json", entry)
             stream.commit(loaded.tokenizer)
         except BaseException:

@@ -15,9 +15,9 @@ from conftest import VOCAB, random_ids, tiny_model, tiny_tokenizer
 from slimformer.errors import SlimformerError
 from slimformer.methods import (AWQConfig, GPTQConfig, MagnitudeConfig, RTNConfig, SLEBConfig, SparseGPTConfig,
                                 WandaConfig, apply)
-from slimformer.methods.memory import estimate_peak, parse_size
+from slimformer.methods.memory import check_budget, estimate_peak, parse_size
 from slimformer.models.loading import load_model, load_streamed, save_model
-from slimformer.models.streaming import INDEX, Stream, stream_of
+from slimformer.models.streaming import INDEX, DiskStates, Stream, stream_of
 
 METHODS = {
     "magnitude": MagnitudeConfig(sparsity=0.5),
@@ -55,8 +55,9 @@ def in_memory(source: Path, config, samples, out: Path):
     return result
 
 
-def streamed(source: Path, config, samples, out: Path, **kwargs):
+def streamed(source: Path, config, samples, out: Path, spill: bool = False, **kwargs):
     loaded = load_streamed(str(source), out, job={"method": config.method}, **kwargs)
+    stream_of(loaded.adapter).spill = spill
     result = apply(loaded.adapter, config, samples)
     stream_of(loaded.adapter).commit(loaded.tokenizer)
     return result
@@ -88,6 +89,35 @@ def test_streaming_other_families(tmp_path, family, name):
     in_memory(src, METHODS[name], samples, tmp_path / "mem")
     streamed(src, METHODS[name], samples, tmp_path / "str")
     assert_same_weights(tmp_path / "mem", tmp_path / "str")
+
+
+@pytest.mark.parametrize("name", ["wanda", "wanda-compressed", "gptq", "awq", "sleb", "influence"])
+def test_activations_on_disk_give_the_same_weights(source, tmp_path, name, monkeypatch):
+    samples = random_ids(4, 16)
+    expected = in_memory(source, METHODS[name], samples, tmp_path / "mem")
+    appended, append = [], DiskStates.append
+    monkeypatch.setattr(DiskStates, "append", lambda self, t: (appended.append(t.shape), append(self, t)))
+    result = streamed(source, METHODS[name], samples, tmp_path / "str", spill=True)
+    assert appended and all(shape[0] == 1 for shape in appended)  # every hidden state went to disk, batch by batch
+    assert_same_weights(tmp_path / "mem", tmp_path / "str")
+    assert result.summary == expected.summary
+    assert not list(tmp_path.glob(".*streaming"))
+
+
+def test_disk_states_behave_as_a_list_and_remove_their_folder(tmp_path):
+    states = DiskStates(tmp_path / "s")
+    batches = [torch.randn(1, 3, 4) for _ in range(3)]
+    for b in batches:
+        states.append(b)
+    assert len(states) == 3 and torch.equal(states[1], batches[1]) and torch.equal(states[-1], batches[2])
+    assert all(torch.equal(a, b) for a, b in zip(states, batches)) and len(states[1:]) == 2
+    assert states.nbytes > 3 * 12 * 4
+    with pytest.raises(IndexError):
+        states[3]
+    states.link_into(tmp_path / "copy")
+    assert len(DiskStates(tmp_path / "copy", owned=False)) == 3
+    del states
+    assert not (tmp_path / "s").exists() and (tmp_path / "copy").exists()
 
 
 def test_sharded_checkpoint_round_trips(tmp_path):
@@ -136,6 +166,21 @@ def test_resume_after_interruption_gives_the_same_model(source, tmp_path, monkey
     assert result.summary["quantized_params"] > 0 and len(result.layers) == 21
 
 
+def test_resume_with_activations_on_disk(source, tmp_path, monkeypatch):
+    config, samples = WandaConfig(sparsity=0.5), random_ids(4, 16)
+    in_memory(source, config, samples, tmp_path / "mem")
+    write = Stream.write
+    monkeypatch.setattr(Stream, "write", lambda self, i, b: (_ for _ in ()).throw(KeyboardInterrupt) if i == 2
+                        else write(self, i, b))
+    with pytest.raises(KeyboardInterrupt):
+        streamed(source, config, samples, tmp_path / "str", spill=True)
+    work = tmp_path / ".str.streaming"
+    assert [p.name for p in work.glob("hidden-*")] == ["hidden-00002"]  # the previous checkpoint was removed
+    monkeypatch.setattr(Stream, "write", write)
+    streamed(source, config, samples, tmp_path / "str", spill=True)
+    assert_same_weights(tmp_path / "mem", tmp_path / "str")
+
+
 def test_a_different_job_does_not_resume(source, tmp_path, monkeypatch):
     monkeypatch.setattr(Stream, "write", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -156,6 +201,21 @@ def test_memory_estimate_and_sizes(source, tmp_path):
         from slimformer.methods import FinetuneConfig
 
         estimate_peak(loaded.adapter, FinetuneConfig(steps=1), 2, 16)
+    stream = stream_of(loaded.adapter)
+    stream.spill = True
+    spilled = estimate_peak(loaded.adapter, GPTQConfig(bits=4), 64, 2048)
+    assert spilled["activations"] == 2 * 1 * 2048 * 32 * 4 and spilled["total"] < big["total"]
+    # auto: the hidden states go to disk only when they do not fit
+    # the process term is the RSS at the call: budgets keep a margin of half the 33 MB difference
+    between = (big["total"] + spilled["total"]) // 2
+    check_budget(loaded.adapter, GPTQConfig(bits=4), 64, 2048, big["total"] + (big["total"] - between))
+    assert not stream.spill
+    check_budget(loaded.adapter, GPTQConfig(bits=4), 64, 2048, between)
+    assert stream.spill
+    with pytest.raises(SlimformerError, match="activations on disk"):
+        check_budget(loaded.adapter, GPTQConfig(bits=4), 64, 2048, spilled["total"] // 2)
+    with pytest.raises(SlimformerError, match="more than --max-memory"):
+        check_budget(loaded.adapter, GPTQConfig(bits=4), 64, 2048, between, activations="memory")
     assert parse_size("4GiB") == 4 * 2**30 and parse_size("1.5GB") == 1_500_000_000 and parse_size("512MiB") == 2**29
     for bad in ("lots", "-1GiB", "4 parsecs"):
         with pytest.raises(SlimformerError, match="memory size"):
@@ -178,7 +238,8 @@ def test_cli_max_memory_refuses_a_budget_too_small_and_leaves_nothing(source, tm
     run = cli("prune", *common, "--method", "wanda", "--max-memory", "many", "--out", "p", cwd=tmp_path)
     assert run.returncode != 0 and "memory size" in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "src"]
-    run = cli("prune", *common, "--method", "wanda", "--max-memory", "2GiB", "--out", "p", cwd=tmp_path)
+    run = cli("prune", *common, "--method", "wanda", "--max-memory", "2GiB", "--activations", "disk", "--out", "p",
+              cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "streamed within --max-memory" in run.stdout
+    assert "streamed within --max-memory" in run.stdout and "activations on disk" in run.stdout
     assert load_model(str(tmp_path / "p")).model.model.layers[0].mlp.up_proj.weight.eq(0).float().mean() == 0.5

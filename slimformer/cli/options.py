@@ -42,6 +42,9 @@ def add_max_memory_arg(p: argparse.ArgumentParser) -> None:
                         "estimated peak exceeds SIZE (4GiB, 512MiB…); an interrupted run resumes at its last block")
     p.add_argument("--out-dtype", default=None, choices=DTYPES,
                    help="with --max-memory: dtype of the written weights (default: --dtype)")
+    p.add_argument("--activations", default="auto", choices=("auto", "memory", "disk"),
+                   help="with --max-memory: where the calibration hidden states live; auto puts them on disk "
+                        "(one file per batch) only when they would not fit the budget")
 
 
 def add_bos_arg(p: argparse.ArgumentParser) -> None:

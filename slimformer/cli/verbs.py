@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace, recipe, sparse_out=None) -> dict:
         from slimformer.methods.memory import parse_size
 
         return run_streamed(recipe, args.out, max_memory=parse_size(args.max_memory), overwrite=args.overwrite,
-                            dtype=args.dtype, out_dtype=args.out_dtype)
+                            dtype=args.dtype, out_dtype=args.out_dtype, activations=args.activations)
     return run_recipe(recipe, args.out, overwrite=args.overwrite, dtype=args.dtype, sparse_out=sparse_out)
 
 
@@ -447,7 +447,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from slimformer.recipes import run_streamed
 
         run_streamed(recipe, args.out, max_memory=parse_size(args.max_memory), model=args.model,
-                     overwrite=args.overwrite, out_dtype=args.out_dtype)
+                     overwrite=args.overwrite, out_dtype=args.out_dtype, activations=args.activations)
         print(f"model: {args.out} (streamed; figures in {args.out}/run.json)")
         return 0
     summary = run_recipe(recipe, args.out, model=args.model, overwrite=args.overwrite)

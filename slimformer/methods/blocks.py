@@ -33,7 +33,7 @@ from slimformer.calibration import BlockRunner
 from slimformer.errors import SlimformerError
 from slimformer.methods.base import MethodResult, config_dict, register
 from slimformer.models.adapters import Adapter, next_token_nll
-from slimformer.models.streaming import ensure_loaded
+from slimformer.models.streaming import ensure_loaded, states_bytes
 from slimformer.models.surgery import remove_blocks
 
 CRITERIA = ("iterative", "oneshot", "influence")
@@ -111,7 +111,7 @@ class _Search:
         self.kept = list(range(len(adapter.blocks)))
         self.block_calls = 0
         self.states = self._states_from(0, self.runner.hidden)
-        state_bytes = sum(t.numel() * t.element_size() for t in self.runner.hidden)
+        state_bytes = states_bytes(self.runner.hidden)
         self.budget = int(config.cache_gib * 2**30 // state_bytes)
         self.paths: dict[int, dict[int, list]] = {}
         self.stride = 1

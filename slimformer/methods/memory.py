@@ -4,7 +4,9 @@ The terms follow the block runner's memory (see :mod:`slimformer.calibration`): 
 weights in the compute dtype, the hidden states entering and leaving the block for every
 sample, one batch's activations inside the block, the cast copy of a finished block being
 written, and what the method keeps (Hessians, input rows, cached states), on top of what the
-process holds already (interpreter, libraries, embeddings).
+process holds already (interpreter, libraries, embeddings). With the activations on disk
+(``Stream.spill``) the hidden states of one batch in and one out remain, and SLEB's states per
+kept block go to disk as well.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def parse_size(text: str) -> int:
 def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[str, int]:
     """Bytes of each term of a streamed run's peak (``total`` is their sum); see the module docstring.
 
-    ``4 ·`` counts float32 activations and statistics, whatever the weights' dtype.
+    ``4 ·`` counts float32 activations and statistics, whatever the weights' dtype. The stream's
+    ``spill`` setting says whether the hidden states are counted in memory or on disk.
     """
     stream = stream_of(adapter)
     if stream is None:
@@ -55,11 +58,12 @@ def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[
     calibrated = getattr(config, "needs_samples", True) and not isinstance(config, (MagnitudeConfig, RTNConfig))
     n, s = (nsamples, seqlen) if calibrated else (0, 0)
     batch = min(getattr(config, "batch_size", 1), max(n, 1))
+    resident = min(batch, n) if stream.spill else n  # samples whose hidden states are in memory at once
     now, embedding = current_rss_bytes(), stream.releasable_bytes() if calibrated else 0
     terms = {
         "process": now - embedding,  # interpreter, libraries, final norm; the embedding goes after the capture
         "block": stream.peak_block_bytes(),
-        "activations": 2 * n * s * hidden * 4,  # the block's inputs and outputs for every sample
+        "activations": 2 * resident * s * hidden * 4,  # the block's inputs and outputs
         "pass": batch * s * (6 * hidden + 4 * inner) * 4,  # one batch inside the block
         "method": 0,
         # a finished block is cast to the output dtype and serialised whole before its shard is written
@@ -74,18 +78,41 @@ def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[
     if isinstance(config, (GPTQConfig, AWQConfig, RTNConfig)) or getattr(config, "bits", None):
         terms["method"] += stream.peak_block_bytes() // 2  # int8 codes and the CPU kernel's packed copy
     if isinstance(config, SLEBConfig):
-        states = (len(adapter.blocks) + 1) * n * s * hidden * 4  # the hidden state entering every kept block
+        states = (len(adapter.blocks) + 1) * resident * s * hidden * 4  # the hidden state entering every kept block
         terms["method"] = states + int(config.cache_gib * 2**30)
     # the capture pass, before the embedding is dropped, holds it and the block inputs only
     terms["total"] = max(sum(terms.values()), now + terms["activations"] // 2)
     return terms
 
 
-def check_budget(adapter: Adapter, config, nsamples: int, seqlen: int, budget: int) -> dict[str, int]:
-    """The estimate of :func:`estimate_peak`; a run whose estimate exceeds ``budget`` bytes is refused in one line."""
+ACTIVATIONS = ("auto", "memory", "disk")
+
+
+def check_budget(adapter: Adapter, config, nsamples: int, seqlen: int, budget: int,
+                 activations: str = "auto") -> dict[str, int]:
+    """The estimate of :func:`estimate_peak`; a run whose estimate exceeds ``budget`` bytes is refused in one line.
+
+    ``activations``: ``memory`` keeps the calibration hidden states in memory, ``disk`` spills
+    them to the stream's work folder, ``auto`` spills only when they would not fit. Sets the
+    stream's ``spill`` accordingly.
+    """
+    if activations not in ACTIVATIONS:
+        raise SlimformerError(f"activations must be one of {', '.join(ACTIVATIONS)}, not '{activations}'")
+    stream = stream_of(adapter)
+    if stream is None:
+        raise SlimformerError("the memory estimate is for a streamed model (load_streamed)")
+    stream.spill = activations == "disk"
     terms = estimate_peak(adapter, config, nsamples, seqlen)
+    if terms["total"] > budget and activations == "auto":
+        stream.spill = True
+        spilled = estimate_peak(adapter, config, nsamples, seqlen)
+        if spilled["total"] < terms["total"]:
+            terms = spilled
+        else:
+            stream.spill = False
     if terms["total"] > budget:
         parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in terms.items() if k != "total" and v)
-        raise SlimformerError(f"{config.method} needs about {terms['total'] / 2**30:.2f} GiB ({parts} GiB), more than "
-                              f"--max-memory {budget / 2**30:.2f} GiB: use fewer or shorter calibration samples")
+        where = " (activations on disk)" if stream.spill else ""
+        raise SlimformerError(f"{config.method} needs about {terms['total'] / 2**30:.2f} GiB{where} ({parts} GiB), more "
+                              f"than --max-memory {budget / 2**30:.2f} GiB: use fewer or shorter calibration samples")
     return terms

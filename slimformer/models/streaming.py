@@ -10,7 +10,9 @@ the calibration activations and what the method keeps.
 
 Everything is written into a work folder beside the output (``.NAME.streaming``), which also
 holds the progress of the block runner (the next block, the hidden states entering it, what
-the method recorded about the finished blocks). A run that stops resumes there when it is
+the method recorded about the finished blocks). When the calibration activations do not fit
+the memory budget either, they go to disk too (:class:`DiskStates`, ``Stream.spill``): one file
+per batch, read when that batch runs. A run that stops resumes there when it is
 started again with the same job; :meth:`Stream.commit` writes the rest (blocks never run,
 embeddings, head, config, tokenizer, the index as ``save_pretrained`` writes it) and renames
 the folder into place, so an unfinished run never leaves a model at the output path.
@@ -18,10 +20,13 @@ the folder into place, so an unfinished run never leaves a model at the output p
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import shutil
+import weakref
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +105,75 @@ class Checkpoint:
         return self._handle(key).get_tensor(key)
 
 
+class DiskStates:
+    """Hidden states of the calibration batches on disk, one safetensors file per batch, read one batch at a time.
+
+    A list of tensors to the block runner (``append``, ``len``, indexing, iteration), whose
+    memory is one batch instead of all of them. An ``owned`` folder is removed when the object
+    is garbage-collected (the runner drops a block's inputs once its outputs exist); a
+    checkpoint's folder is not owned.
+    """
+
+    def __init__(self, folder: str | Path, owned: bool = True):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._count = len(list(self.folder.glob("*.safetensors")))
+        if owned:
+            weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+
+    def _file(self, j: int) -> Path:
+        return self.folder / f"{j:06d}.safetensors"
+
+    def append(self, tensor: torch.Tensor) -> None:
+        """Write the next batch's hidden states."""
+        save_file({"hidden": tensor.contiguous()}, self._file(self._count))
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, j: int | slice) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(self._count))]
+        if not -self._count <= j < self._count:
+            raise IndexError(j)
+        return load_file(self._file(j % self._count))["hidden"]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[j] for j in range(self._count))
+
+    def link_into(self, folder: Path) -> None:
+        """Put the batch files into ``folder`` as hard links (copies where links are not possible)."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for j in range(self._count):
+            try:
+                os.link(self._file(j), folder / self._file(j).name)
+            except OSError:
+                shutil.copyfile(self._file(j), folder / self._file(j).name)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the states on disk (headers included)."""
+        return sum(self._file(j).stat().st_size for j in range(self._count))
+
+
+def save_states(hidden: Iterable[torch.Tensor], folder: Path) -> None:
+    """Write per-batch hidden states (a list or :class:`DiskStates`) into ``folder``, one file per batch."""
+    if isinstance(hidden, DiskStates):
+        hidden.link_into(folder)
+        return
+    states = DiskStates(folder, owned=False)
+    for h in hidden:
+        states.append(h)
+
+
+def states_bytes(hidden: Iterable[torch.Tensor]) -> int:
+    """Bytes held by per-batch hidden states, in memory or on disk."""
+    if isinstance(hidden, DiskStates):
+        return hidden.nbytes
+    return sum(t.numel() * t.element_size() for t in hidden)
+
+
 def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
     """Put ``value`` in place of the parameter or buffer ``name`` of ``module`` (on the meta device or not)."""
     owner_name, _, attr = name.rpartition(".")
@@ -138,6 +212,8 @@ class Stream:
         prefix = self.adapter.block_prefix
         self.source_of = {id(b): f"{prefix}.{i}." for i, b in enumerate(self.adapter.blocks)}
         self.written: dict[int, tuple[int, str]] = {}  # id(block) -> (index written at, file)
+        self.spill = False  # calibration activations on disk (DiskStates) instead of in memory
+        self._spilled = itertools.count()
         self._start(resume)
         self._load_outer()
         model.adapter_stream = self  # how the block runner finds it
@@ -161,24 +237,39 @@ class Stream:
         with atomic_path(self.work / "progress.json") as tmp:
             tmp.write_text(json.dumps(self.progress))
 
-    def resume_point(self) -> tuple[int, list[torch.Tensor], dict[int, Any]] | None:
+    def new_states(self) -> list | DiskStates:
+        """An empty store for per-batch hidden states: a list, or files in the work folder when :attr:`spill` is set."""
+        if not self.spill:
+            return []
+        return DiskStates(self.work / "activations" / f"{next(self._spilled):06d}")
+
+    def resume_point(self) -> tuple[int, list | DiskStates, dict[int, Any]] | None:
         """``(next block, hidden states entering it, records of the finished blocks)`` of an interrupted run, or None."""
         k = self.progress["next"]
         if not k:
             return None
-        state = load_file(self.work / "hidden.safetensors")
-        hidden = [state[str(j)] for j in range(len(state))]
+        states = DiskStates(self.work / self.progress["hidden"], owned=False)
+        hidden = states if self.spill else list(states)
         for j, block in enumerate(self.adapter.blocks[:k]):
             self.written[id(block)] = (j, self.progress["files"][str(j)])
         return k, hidden, {int(i): r for i, r in self.progress["records"].items()}
 
-    def checkpoint(self, next_index: int, hidden: list[torch.Tensor], record: Any = None) -> None:
-        """After block ``next_index - 1`` was written: keep the hidden states entering the next block and its record."""
-        with atomic_path(self.work / "hidden.safetensors") as tmp:
-            save_file({str(j): h.contiguous() for j, h in enumerate(hidden)}, tmp)
-        self.progress["next"] = next_index
+    def checkpoint(self, next_index: int, hidden: list | DiskStates, record: Any = None) -> None:
+        """After block ``next_index - 1`` was written: keep the hidden states entering the next block and its record.
+
+        The states go to a new folder (hard links for states already on disk); the progress
+        file then names it, and only then is the previous one removed, so a kill at any point
+        leaves a consistent checkpoint.
+        """
+        name = f"hidden-{next_index:05d}"
+        shutil.rmtree(self.work / name, ignore_errors=True)
+        save_states(hidden, self.work / name)
+        previous = self.progress.get("hidden")
+        self.progress.update(next=next_index, hidden=name)
         self.progress["records"][str(next_index - 1)] = record
         self._save_progress()
+        if previous and previous != name:
+            shutil.rmtree(self.work / previous, ignore_errors=True)
 
     # -- weights ---------------------------------------------------------------------------------
     def _load_outer(self) -> None:
@@ -291,7 +382,8 @@ class Stream:
         self._write_config()
         if tokenizer is not None:
             tokenizer.save_pretrained(self.work)
-        for leftover in ("progress.json", "hidden.safetensors", "blocks"):
+        leftovers = ["progress.json", "blocks", "activations", self.progress.get("hidden") or "hidden"]
+        for leftover in leftovers:
             path = self.work / leftover
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         if self.out.exists():
