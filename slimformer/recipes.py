@@ -356,6 +356,18 @@ def compress(model: str | LoadedModel, recipe: str | Path | dict | Recipe, *, pr
     return loaded, report
 
 
+def apply_steps(loaded: LoadedModel, recipe: str | Path | dict | Recipe, *, progress: bool = False) -> list[dict]:
+    """Apply a recipe's steps to a loaded model in memory, measuring nothing; what each step did.
+
+    The recipe's calibration, seed and training sources are used as :func:`run_recipe` uses
+    them; its ``model`` is the teacher of a recovery step that names none.
+    """
+    recipe = load_recipe(recipe)
+    _check_steps(recipe, loaded.adapter.family.kind)
+    ctx = _Context(recipe, loaded, progress)
+    return [_run_step(ctx, i, step) for i, step in enumerate(recipe.steps)]
+
+
 def work_folder(out: Path) -> Path:
     """Where an unfinished run of ``out`` keeps its checkpoint."""
     return out.parent / f".{out.name}.work"

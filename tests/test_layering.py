@@ -9,7 +9,7 @@ LAYERS = {  # top-level module or package -> layer
     "models": 1, "data": 1,
     "calibration": 2,
     "methods": 3, "evaluation": 3, "search": 3, "export": 3,
-    "report": 4, "recipes": 4,
+    "report": 4, "recipes": 4, "auto": 4,
     "cli": 5,
 }
 

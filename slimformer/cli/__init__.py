@@ -15,7 +15,7 @@ from slimformer.cli import options
 from slimformer.cli.options import (ALIASES, BACKENDS, BOS_MODES, DTYPES, GLUE_TASKS, OBJECTIVES, PROPAGATE,
                                     QUANT_BITS, QUANT_METHODS, SOURCES_HELP, SPACES, STRATEGIES, TASKS_HELP)
 from slimformer.cli.search import cmd_extract, cmd_search
-from slimformer.cli.verbs import (cmd_eval, cmd_experts, cmd_export, cmd_glue, cmd_prune, cmd_quantize, cmd_recover,
+from slimformer.cli.verbs import (cmd_auto, cmd_eval, cmd_experts, cmd_export, cmd_glue, cmd_prune, cmd_quantize, cmd_recover,
                                   cmd_remove_blocks, cmd_report, cmd_run, cmd_upcycle)
 from slimformer.errors import SlimformerError
 
@@ -25,7 +25,7 @@ __all__ = ["ALIASES", "BACKENDS", "BOS_MODES", "COMMANDS", "DTYPES", "GLUE_TASKS
 
 COMMANDS = {"eval": cmd_eval, "run": cmd_run, "report": cmd_report, "prune": cmd_prune, "remove-blocks": cmd_remove_blocks,
             "search": cmd_search, "extract": cmd_extract, "glue": cmd_glue, "quantize": cmd_quantize, "recover": cmd_recover,
-            "upcycle": cmd_upcycle, "experts": cmd_experts, "export": cmd_export}
+            "upcycle": cmd_upcycle, "experts": cmd_experts, "export": cmd_export, "auto": cmd_auto}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_upcycle_parser(sub, helps)
     options.add_experts_parser(sub, helps)
     options.add_export_parser(sub, helps)
+    options.add_auto_parser(sub, helps)
     assert set(sub.choices) == set(COMMANDS), "every verb needs a handler and a parser"
     return parser
 

@@ -337,3 +337,26 @@ def add_experts_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
     p.add_argument("--out", required=True, help="folder for the model with fewer experts (the same class, stock-loadable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def add_auto_parser(sub, helps: dict[str, str]) -> None:
+    """``auto``: search every family for the best model under a target."""
+    p = sub.add_parser("auto", help=helps["auto"])
+    p.add_argument("model", nargs="?", default=ALIASES[0],
+                   help=f"alias ({', '.join(ALIASES)}), local HF directory, .gguf file or hub id")
+    p.add_argument("--target", required=True,
+                   help="size=FRACTION of the dense bytes (size=0.25), speed=FACTOR of dense decoding (speed=2), "
+                        "or ppl=+PERCENT over dense perplexity (ppl=+10%%)")
+    p.add_argument("--budget", default="30m", help="wall-clock time for the search (90s, 30m, 2h); the final run comes after")
+    p.add_argument("--trials", type=int, default=60, help="at most this many candidates")
+    p.add_argument("--strategy", default="nsga2", choices=STRATEGIES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-block-ratio", type=float, default=0.2, help="the largest share of blocks a candidate removes")
+    p.add_argument("--no-recovery", action="store_true", help="never distil after removing blocks or weights")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows of the final run")
+    p.add_argument("--seqlen", type=int, default=1024, help="tokens per calibration window of the final run")
+    p.add_argument("--recovery-tokens", type=token_count, default=40_000,
+                   help="distillation budget of the final run (40k, 200000)")
+    p.add_argument("--out", required=True, help="output folder: model, recipe.yaml, auto.json, report")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")

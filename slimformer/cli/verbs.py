@@ -464,3 +464,47 @@ def cmd_report(args: argparse.Namespace) -> int:
     json_path, html_path = build_report(args.run)
     print(f"report: {html_path}\nfigures: {json_path}")
     return 0
+
+
+def _seconds(text: str) -> float:
+    """Seconds of a duration such as ``90s``, ``30m``, ``2h`` or ``1800``."""
+    raw = str(text).strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(raw[-1:], None)
+    try:
+        value = float(raw[:-1] if scale else raw) * (scale or 1)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise SlimformerError(f"cannot read the duration '{text}': give seconds or a number with s, m or h (30m)")
+    return value
+
+
+def cmd_auto(args: argparse.Namespace) -> int:
+    """Search every method family for the best model under a size, speed or perplexity target, and write it."""
+    from rich.console import Console
+
+    from slimformer.auto import AutoConfig, AutoSpace, Target, auto, describe_point
+    from slimformer.recipes import Calibration
+
+    target = Target.parse(args.target)  # bad input fails here, before any loading
+    budget = _seconds(args.budget)
+    if args.trials < 1:
+        raise SlimformerError(f"--trials must be at least 1, not {args.trials}")
+    if not 0 <= args.max_block_ratio < 1:
+        raise SlimformerError(f"--max-block-ratio must be in [0, 1), not {args.max_block_ratio}")
+    space = AutoSpace(max_block_ratio=args.max_block_ratio, recovery=(False,) if args.no_recovery else (False, True))
+    config = AutoConfig(target=target, space=space, trials=args.trials, budget_s=budget, strategy=args.strategy,
+                        seed=args.seed, calibration=Calibration(nsamples=args.nsamples, seqlen=args.seqlen),
+                        recovery_tokens=args.recovery_tokens)
+    record = auto(args.model, target, args.out, config=config, overwrite=args.overwrite)
+    chosen = record["chosen"]
+    console = Console()
+    console.print(f"{len(record['trials'])} candidates in {record['search_seconds'] / 60:.1f} min, "
+                  f"{len(record['pareto'])} on the front; chosen for {record['target_text']}: {chosen['describe']}")
+    console.print(f"predicted: {describe_point(chosen['predicted'])}")
+    if chosen["measured"]:
+        console.print(f"measured:  {describe_point(chosen['measured'])} "
+                      f"({'meets' if chosen['meets_target_measured'] else 'MISSES'} the target)")
+    console.print(f"model: {args.out}\nrecipe: {args.out}/recipe.yaml (rerun with slimformer run)\n"
+                  f"report: {args.out}/report.html")
+    return 0

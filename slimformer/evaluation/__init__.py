@@ -6,9 +6,9 @@ __all__ = ["PerplexityResult", "max_positions", "perplexity"]
 from slimformer.evaluation.glue import batches, classifier_from, evaluate_classifier, finetune_classifier, run_glue
 
 __all__ += ["batches", "classifier_from", "evaluate_classifier", "finetune_classifier", "run_glue"]
-from slimformer.evaluation.cost import flops_per_token, measure_costs, param_counts, peak_memory, size_on_disk
+from slimformer.evaluation.cost import DecodeCost, flops_per_token, measure_costs, param_counts, peak_memory, size_on_disk
 
-__all__ += ["flops_per_token", "measure_costs", "param_counts", "peak_memory", "size_on_disk"]
+__all__ += ["DecodeCost", "flops_per_token", "measure_costs", "param_counts", "peak_memory", "size_on_disk"]
 from slimformer.evaluation.zeroshot import encode_pair, evaluate_task, score_choices
 from slimformer.evaluation.lm_eval_bridge import run_lm_eval, write_task_yaml
 

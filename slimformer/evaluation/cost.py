@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -200,3 +201,78 @@ def measure_costs(
     if decoding:
         settings.update(prompt_tokens=min(prompt_tokens, ids.shape[1]), new_tokens=new_tokens)
     return {"settings": settings, "models": figures, "peak_memory": peak_memory()}
+
+
+def _layer_key(module: nn.Module) -> tuple:
+    """What a linear layer's decode cost depends on: its kind, shape and weight format."""
+    out_features, in_features = weight_shape(module)
+    if isinstance(module, QuantizedLinear):
+        return ("quantized", in_features, out_features, module.scheme.describe(), module.kernel)
+    return (type(module).__name__, in_features, out_features, str(module.weight.dtype))
+
+
+class DecodeCost:
+    """Seconds per greedily decoded token, predicted from the model's own linear layers timed on this machine.
+
+    A decode step is dominated by the projections and the head, each applied to one row: their
+    cost per call is measured by running every layer of one kind, shape and format once in turn
+    (so the weights stream from memory as in a real step, rather than sitting in cache), and
+    kept by that key for any later model. What the layers do not explain (attention against the
+    cache, norms, the framework's per-call work) is a cost per block, calibrated on one model whose
+    decode step was measured end to end (:meth:`calibrate`). A structural or format change is
+    then priced without running ``generate``: removing blocks removes their layers and overhead,
+    quantization changes the layers' keys. Pruned weights stored densely cost what dense ones do.
+    """
+
+    def __init__(self, repeats: int = 5):
+        self.repeats = repeats
+        self.per_call: dict[tuple, float] = {}
+        self.per_block = 0.0
+
+    @staticmethod
+    def layers(model: nn.Module) -> list[nn.Module]:
+        """The linear layers a decode step runs: every block's projections, and the head."""
+        adapter = get_adapter(model)
+        found = [m for block in adapter.blocks for m in block.modules()
+                 if isinstance(m, (nn.Linear, Conv1D, QuantizedLinear))]
+        head = model.get_output_embeddings()
+        return found + ([head] if head is not None else [])
+
+    @torch.no_grad()
+    def _measure(self, modules: list[nn.Module]) -> float:
+        first = modules[0]
+        in_features = weight_shape(first)[1]
+        dtype = next((p.dtype for p in first.parameters() if p.is_floating_point()), torch.float32)
+        x = torch.randn(1, 1, in_features, dtype=dtype)
+        for m in modules:  # warm-up: kernels packed, allocator settled
+            m(x)
+        passes = []
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            for m in modules:
+                m(x)
+            passes.append((time.perf_counter() - start) / len(modules))
+        return statistics.median(passes)
+
+    def layer_seconds(self, model: nn.Module) -> float:
+        """Seconds of one decode step spent in the linear layers (layers of an unseen kind are timed now)."""
+        groups: dict[tuple, list[nn.Module]] = {}
+        for m in self.layers(model):
+            groups.setdefault(_layer_key(m), []).append(m)
+        for key, modules in groups.items():
+            if key not in self.per_call:
+                self.per_call[key] = self._measure(modules)
+        return sum(self.per_call[key] * len(modules) for key, modules in groups.items())
+
+    def calibrate(self, model: nn.Module, step_seconds: float) -> None:
+        """Set the per-block overhead from ``model``'s measured decode step (seconds per token)."""
+        blocks = len(get_adapter(model).blocks)
+        self.per_block = max(0.0, step_seconds - self.layer_seconds(model)) / blocks
+
+    def predict(self, model: nn.Module) -> float:
+        """Predicted seconds per decoded token of ``model``."""
+        return self.layer_seconds(model) + self.per_block * len(get_adapter(model).blocks)
+
+    def to_dict(self) -> dict:
+        """The timings as plain data: per-call seconds by layer key, and the per-block overhead."""
+        return {"per_block_s": self.per_block, "per_call_s": {" ".join(map(str, k)): v for k, v in self.per_call.items()}}

@@ -147,7 +147,8 @@ def render_html(report: dict) -> str:
         parts.append(_section("routing", "Routing per expert", body))
     for n, search in enumerate(report.get("searches", []), 1):
         anchor = "pareto" if n == 1 else f"pareto-{n}"
-        parts.append(_section(anchor, "Structural search: Pareto front", _search_html(search)))
+        title = "Cross-method search: Pareto front" if search.get("kind") == "auto" else "Structural search: Pareto front"
+        parts.append(_section(anchor, title, _search_html(search)))
     if evaluations := report.get("evaluations"):
         parts.append(_section("evaluations", "Evaluations", _evaluations_html(evaluations)))
     if skipped := report.get("skipped"):

@@ -84,10 +84,12 @@ def plot_block_scores(scores: dict) -> str:
 
 
 def _pareto_axes(objectives: list[str]) -> tuple[int, int]:
-    """Which objectives are x and y: error on y against the first size-like one, else the first two."""
+    """Which objectives are x and y: error (or perplexity) on y against the first size-like one, else the first two."""
     if "error" in objectives:
         y = objectives.index("error")
         return next(i for i in range(len(objectives)) if i != y), y
+    if "ppl" in objectives and "size" in objectives:  # the cross-method search: quality against size
+        return objectives.index("size"), objectives.index("ppl")
     return 0, 1
 
 
@@ -104,6 +106,9 @@ def plot_pareto(search: dict) -> str:
         ax.scatter(ordered[:, x], ordered[:, y], s=30, color="C3", zorder=3, label="Pareto set")
         if values.shape[1] == 2:
             ax.step(ordered[:, x], ordered[:, y], where="post", color="C3")
+    if "chosen" in search:
+        ax.scatter(values[search["chosen"], x], values[search["chosen"], y], s=90, marker="*", color="C1", zorder=4,
+                   label="chosen")
     if "baseline" in search:
         points = np.array(search["baseline"]["points"], dtype=float)
         points = points[nondominated(points)]

@@ -254,7 +254,8 @@ def _search(doc: dict, rel: str) -> dict | None:
     return _clean({
         "file": rel, "objectives": objectives, "trials": trials, "pareto": pareto,
         "hypervolume": _num(doc.get("hypervolume")),
-        **{k: doc[k] for k in ("model", "task", "strategy") if isinstance(doc.get(k), str)},
+        **{k: doc[k] for k in ("model", "task", "strategy", "kind") if isinstance(doc.get(k), str)},
+        **({"chosen": kept[doc["chosen"]]} if isinstance(doc.get("chosen"), int) and doc["chosen"] in kept else {}),
         "baseline": _clean({"label": str(baseline.get("label") or "baseline"), "points": points}) if points else None,
     })
 

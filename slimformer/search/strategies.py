@@ -287,8 +287,12 @@ def run_search(
     progress: bool = True,
     initial: list[Params] | None = None,
     reference: Sequence[float] | None = None,
+    seconds: float | None = None,
 ) -> SearchResult:
     """Search ``space`` for the Pareto set of ``evaluate``'s objectives (all minimised) until ``trials`` are complete.
+
+    With ``seconds``, no trial starts once that much wall-clock time has passed (the trial
+    running then finishes), so a search with a time budget may end with fewer trials.
 
     ``initial`` points (e.g. the largest and smallest sub-network) are the first trials.
     With ``storage`` (a journal file) the search resumes where a previous call stopped; one
@@ -327,7 +331,8 @@ def run_search(
         with tqdm(total=trials, initial=min(done, trials), desc=f"search ({strategy})", unit="trial",
                   disable=not progress) as bar:
             loop = _run_local if backend == "local" else _run_ray
-            loop(study, dict(space), evaluate, trials, initial, len(objectives), bar, batch)
+            deadline = None if seconds is None else time.monotonic() + seconds
+            loop(study, dict(space), evaluate, trials, initial, len(objectives), bar, batch, deadline)
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     rows = [{"number": t.number, "params": dict(t.params), "values": list(t.values),
              "seconds": t.user_attrs.get("seconds")} for t in complete]
@@ -415,10 +420,14 @@ def _tell(study: Study, trial: Trial, result: Any, seconds: float, count: int) -
     study.tell(trial, values)
 
 
+def _in_time(deadline: float | None) -> bool:
+    return deadline is None or time.monotonic() < deadline
+
+
 def _run_local(study: Study, space: Space, evaluate: Evaluate, trials: int, initial: list[Params], count: int,
-               bar: tqdm, batch: int | None) -> None:
+               bar: tqdm, batch: int | None, deadline: float | None = None) -> None:
     """Ask, evaluate in this process and tell, one trial at a time."""
-    while len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < trials:
+    while len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < trials and _in_time(deadline):
         trial = _ask(study, space, initial)
         start = time.perf_counter()
         try:
@@ -431,7 +440,7 @@ def _run_local(study: Study, space: Space, evaluate: Evaluate, trials: int, init
 
 
 def _run_ray(study: Study, space: Space, evaluate: Evaluate, trials: int, initial: list[Params], count: int,
-             bar: tqdm, batch: int | None) -> None:
+             bar: tqdm, batch: int | None, deadline: float | None = None) -> None:
     """Ask a batch, evaluate it as Ray tasks, and tell the results in trial order."""
     import logging
 
@@ -454,7 +463,8 @@ def _run_ray(study: Study, space: Space, evaluate: Evaluate, trials: int, initia
         size = batch or max(1, int(ray.cluster_resources().get("CPU", 1)))
         task = ray.remote(num_cpus=1)(timed)
         shared = ray.put(evaluate)  # once per run; each task reads it from the object store
-        while (done := len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))) < trials:
+        while (done := len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))) < trials and \
+                _in_time(deadline):
             asked = [_ask(study, space, initial) for _ in range(min(size, trials - done))]
             futures = [task.remote(shared, dict(t.params)) for t in asked]
             try:
