@@ -11,6 +11,8 @@ with ``n`` samples of ``s`` tokens, hidden size ``h``, intermediate size ``i`` a
 
     peak ≈ W_block + 2·n·s·h·4 + b·s·(6h + 4i)·4 + M_method  (+ whatever else the process holds)
 
+(``3·n·s·h·4`` in the sequential mode, which also keeps the attention's outputs.)
+
 (``M_method``: a Wanda norm vector; GPTQ/SparseGPT one ``w × w`` Hessian per distinct input width
 plus the working copies of the largest). For a 70B Llama block (h 8192, i 28672) and 16 × 2048
 samples that is 3.4 GiB of float32 weights + 2 GiB of hidden states + 1.1 GiB for one sample in
@@ -33,9 +35,11 @@ Three ways to feed a block's outputs to the next (``propagate``):
   sequential" order of the GPTQ/SparseGPT code). Each pass runs every sample up to the next
   module to compress (q/k/v and gate/up, fed the same tensor, together) and stops there; the
   module is compressed and the next pass starts; a last pass gives the compressed outputs.
-  Early passes stop early, so a Llama block costs about 2.2 forwards (``"compressed"``: 2), and
-  only one batch's activations are alive at a time: memory does not grow with the sample count
-  beyond the block's inputs and outputs.
+  Early passes stop early, and once the attention's targets are compressed its output is kept
+  per sample and replayed, so a Llama block costs about two forwards, as ``"compressed"`` does
+  (the attention twice, the MLP's projections one to two times). Only one batch's activations
+  are alive at a time: memory grows with the sample count only by the block's inputs, outputs
+  and the kept attention outputs (``n·s·h·4`` bytes more).
 - ``"dense"``: one pass; the outputs of the dense block feed the next one.
 """
 
@@ -332,6 +336,56 @@ class BlockRunner:
                     self.stream.checkpoint(i + 1, hidden, self.records.get(i))
         return hidden
 
+    def _attention_of(self, block: nn.Module) -> nn.Module | None:
+        """The module holding a block's attention projections (their deepest common parent), or None."""
+        paths = [path.split(".") for path in self.adapter.family.attention.values()]
+        prefix = []
+        for parts in zip(*paths):
+            if len(set(parts)) != 1:
+                break
+            prefix.append(parts[0])
+        return block.get_submodule(".".join(prefix)) if paths and prefix else None
+
+    @contextlib.contextmanager
+    def _attention_replay(self, attention: nn.Module | None, cache: dict, ready: bool, batches: int) -> Iterator[None]:
+        """Inside: once every target of the attention is compressed (``ready``), its outputs are kept on the
+        first pass and replayed on the later ones, instead of computing the attention again each pass.
+
+        ``cache["outputs"]`` holds one tensor per batch (in memory, or on disk when activations are
+        spilled). An output with more than one tensor in it is never cached.
+        """
+        if attention is None or not ready:
+            yield
+            return
+        if cache.get("outputs") is not None and len(cache["outputs"]) == batches:
+            outputs, width = cache["outputs"], cache["width"]
+
+            def replay(*args, **kwargs):
+                out = outputs[self._batch].to(self.device)
+                return (out, *[None] * (width - 1)) if width else out
+
+            attention.forward = replay  # an instance attribute shadows the class's forward
+            try:
+                yield
+            finally:
+                attention.__dict__.pop("forward", None)
+            return
+        store, shape = self._new_states(), {"width": 0, "cacheable": True}
+
+        def keep(module, args, out):
+            rest = out[1:] if isinstance(out, tuple) else ()
+            shape["width"] = len(out) if isinstance(out, tuple) else 0
+            shape["cacheable"] &= all(r is None or not isinstance(r, torch.Tensor) for r in rest)
+            store.append((out[0] if isinstance(out, tuple) else out).to("cpu"))
+
+        handle = attention.register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+        if shape["cacheable"] and len(store) == batches:
+            cache.update(outputs=store, width=shape["width"])
+
     def _forward_sequential(self, index: int, hidden: list, visitor: BlockVisitor, targets: dict) -> list:
         """Passes over the samples, each ending at the next target to compress; then one pass for the outputs.
 
@@ -340,38 +394,52 @@ class BlockRunner:
         and stops that batch there; once every batch stopped, those targets are compressed and
         the next pass starts from the block input again. So a target observes the outputs of
         the compressed targets before it, and only one batch's activations are alive at a time
-        (see the module docstring for the memory). A module called twice in a forward is
-        compressed after its first call; a module never called is compressed with what was seen.
+        (see the module docstring for the memory). Once the attention's own targets are all
+        compressed, its output no longer changes: the first pass after that keeps it per batch
+        and the later passes replay it, so a Llama block computes its attention twice rather than
+        four times (the same numbers: the same computation, done once). A module called twice in
+        a forward is compressed after its first call; a module never called is compressed with
+        what was seen.
         """
         done: set[str] = set()
+        attention = self._attention_of(self.adapter.blocks[index])
+        inside = {name for name, module in targets.items()
+                  if attention is not None and any(module is m for m in attention.modules())}
+        cache: dict = {}
         while True:
             group: list[str] | None = None
-            for j in range(len(hidden)):
-                seen: list[str] = []
-                fed: list[torch.Tensor] = []
+            ready = bool(inside) and inside <= done
+            with self._attention_replay(attention, cache, ready, len(hidden)):
+                for j in range(len(hidden)):
+                    seen: list[str] = []
+                    fed: list[torch.Tensor] = []
 
-                def stop_at(name, module, inputs, j=j, seen=seen, fed=fed):
-                    if name in done:
-                        return
-                    if fed and inputs is not fed[0]:
-                        raise _StopForward
-                    fed[:1] = [inputs]
-                    visitor.observe(name, module, inputs, j)
-                    seen.append(name)
+                    def stop_at(name, module, inputs, j=j, seen=seen, fed=fed):
+                        if name in done:
+                            return
+                        if fed and inputs is not fed[0]:
+                            raise _StopForward
+                        fed[:1] = [inputs]
+                        visitor.observe(name, module, inputs, j)
+                        seen.append(name)
 
-                with observing(targets, stop_at), contextlib.suppress(_StopForward):
-                    self.forward_block(index, hidden[j : j + 1], first=j)
-                fed.clear()
-                if group is None:
-                    group = seen
-                elif seen != group:
-                    raise SlimformerError(f"block {index}: samples took different paths ({group} and {seen})")
+                    with observing(targets, stop_at), contextlib.suppress(_StopForward):
+                        self.forward_block(index, hidden[j : j + 1], first=j)
+                    fed.clear()
+                    if group is None:
+                        group = seen
+                    elif seen != group:
+                        raise SlimformerError(f"block {index}: samples took different paths ({group} and {seen})")
             if not group:
                 break
             for name in group:
                 visitor.compress(name, targets[name])
                 done.add(name)
+            if done >= set(targets):  # nothing left to reach: the output pass comes next
+                break
         for name, module in targets.items():
             if name not in done:  # never called in the forward: compress with what was seen
                 visitor.compress(name, module)
-        return self.forward_block(index, hidden)
+        ready = bool(inside) and inside <= done
+        with self._attention_replay(attention, cache, ready, len(hidden)):
+            return self.forward_block(index, hidden)

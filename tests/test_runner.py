@@ -147,6 +147,29 @@ def test_sequential_mode_compresses_each_module_after_all_samples_reach_it(famil
         assert_close_scaled(a, b)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bert"])
+def test_sequential_mode_replays_the_attention_once_its_targets_are_compressed(family, monkeypatch):
+    samples = random_ids(3, 12)
+    runs = {}
+    for replay in (True, False):
+        model = tiny_model(family)
+        adapter = get_adapter(model)
+        if not replay:
+            monkeypatch.setattr(BlockRunner, "_attention_of", lambda self, block: None)
+        runner = BlockRunner(adapter, samples, batch_size=2, progress=False)
+        first_projection = next(iter(adapter.linears(adapter.blocks[0]).values()))  # q, or GPT-2's fused qkv
+        calls = []
+        first_projection.register_forward_pre_hook(lambda m, a: calls.append(1))
+        hidden = runner.run(ScaleBySeen(adapter), propagate="sequential")
+        runs[replay] = (torch.cat(hidden), [p.detach().clone() for p in model.parameters()], len(calls))
+        monkeypatch.undo()
+    (h1, p1, calls), (h0, p0, without) = runs[True], runs[False]
+    assert torch.equal(h1, h0) and all(torch.equal(a, b) for a, b in zip(p1, p0))  # the very same numbers
+    # the visitor targets q and down: block 0's attention ran in the pass to q and in the pass to down (which
+    # kept its output); the output pass replayed it instead of running it a third time
+    assert calls == 2 * 2 and without == 3 * 2  # 2 batches per pass (no pass runs once every target is done)
+
+
 class Amplify(ScaleBySeen):
     """Multiplies each target by 10 · (1 + mean |input|): a change the next block's inputs show clearly."""
 

@@ -63,7 +63,8 @@ def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[
     terms = {
         "process": now - embedding,  # interpreter, libraries, final norm; the embedding goes after the capture
         "block": stream.peak_block_bytes(),
-        "activations": 2 * resident * s * hidden * 4,  # the block's inputs and outputs
+        # the block's inputs and outputs; the sequential mode also keeps the attention's outputs
+        "activations": (3 if getattr(config, "propagate", None) == "sequential" else 2) * resident * s * hidden * 4,
         "pass": batch * s * (6 * hidden + 4 * inner) * 4,  # one batch inside the block
         "method": 0,
         # a finished block is cast to the output dtype and serialised whole before its shard is written
