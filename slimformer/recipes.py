@@ -47,7 +47,7 @@ from slimformer.data import instruction_examples, load_text, sample_windows, tok
 from slimformer.errors import SlimformerError
 from slimformer.files import write_json
 from slimformer.records import EvalRecord, StepRecord
-from slimformer.evaluation import evaluate_task, measure_costs, perplexity, size_on_disk
+from slimformer.evaluation import evaluate_task, measure_costs, perplexity, side_by_side, size_on_disk
 from slimformer.machine import machine_info
 from slimformer.methods import METHODS, apply, config_dict
 from slimformer.methods.base import MethodResult
@@ -95,7 +95,9 @@ class Measure:
 
     Perplexity on ``ppl_windows`` windows of ``ppl_seqlen`` tokens of ``ppl_source`` (0 windows:
     none); with ``speed``, the prefill latency of ``prefill_tokens`` tokens and greedy decoding
-    of ``new_tokens`` after 128 (medians of ``repeats``).
+    of ``new_tokens`` after 128 (medians of ``repeats``). ``generations``: the original and the
+    final model continue that many fixed prompts greedily (``generation_tokens`` each), shown side
+    by side in the report.
     """
 
     ppl_windows: int = 8
@@ -105,6 +107,8 @@ class Measure:
     prefill_tokens: int = 512
     new_tokens: int = 32
     repeats: int = 3
+    generations: int = 0
+    generation_tokens: int = 40
 
 
 @dataclass(frozen=True)
@@ -533,6 +537,8 @@ def _finish(recipe: Recipe, state: dict, ctx: _Context, out: Path, overwrite: bo
     ids = ctx.speed_ids()
     comparison = measure_costs({"original": original, "compressed": loaded.model}, ids, repeats=max(m.repeats, 3),
                                new_tokens=m.new_tokens, decode=m.speed)
+    generations = side_by_side({"original": original, "compressed": loaded.model}, loaded.tokenizer,
+                               m.generations, m.generation_tokens) if m.generations else []
     del original
     sizes = {"original": min(state["before"]["size_bytes"].values()),
              "compressed": min((state["steps"][-1]["after"] if state["steps"] else state["before"])["size_bytes"].values())}
@@ -550,11 +556,11 @@ def _finish(recipe: Recipe, state: dict, ctx: _Context, out: Path, overwrite: bo
             else:
                 _step_record(recipe, i + 1, result, previous, after).write(folder)
             previous = after
-        EvalRecord(model=recipe.model, costs=comparison, machine=machine_info()).write(tmp)
+        EvalRecord(model=recipe.model, costs=comparison, generations=generations, machine=machine_info()).write(tmp)
         build_report(tmp, folder=out)
         report = json.loads((tmp / "report.json").read_text())
         summary = {"recipe": recipe.to_dict(), "before": state["before"], "steps": state["steps"],
-                   "comparison": comparison, "before_after": report.get("before_after", []),
+                   "comparison": comparison, "before_after": report.get("before_after", []), "generations": generations,
                    "report_html": str(out / "report.html"), "report_json": str(out / "report.json")}
         write_json(tmp / "run.json", summary)
     return summary

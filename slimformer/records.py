@@ -76,7 +76,9 @@ class EvalRecord(_Record):
 
     ``perplexity`` is {source: PerplexityResult as data}; ``tasks`` {task: evaluate_task's
     figures}; ``costs`` a :func:`slimformer.evaluation.measure_costs` result, e.g. the original
-    and the compressed model of a recipe side by side; ``step`` the recipe step that measured it.
+    and the compressed model of a recipe side by side; ``generations`` greedy continuations of
+    fixed prompts by each model (``[{"prompt", model name: text, …}]``); ``step`` the recipe step
+    that measured it.
     """
 
     FILE: ClassVar[str] = "eval.json"
@@ -88,4 +90,5 @@ class EvalRecord(_Record):
     tasks: dict = field(default_factory=dict)
     lm_eval: dict | None = None
     costs: dict | None = None
+    generations: list = field(default_factory=list)
     machine: dict | None = None

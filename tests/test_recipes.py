@@ -187,8 +187,11 @@ def test_sleb_then_wanda_2_4_then_gptq_int4_runs_saves_and_reloads(saved_tiny, t
     recipe = Recipe(steps=(SLEBConfig(blocks=1, protect=()), WandaConfig(pattern="2:4"),
                            GPTQConfig(bits=4, group_size=16)),
                     model=str(path), seed=0, calibration=recipes.Calibration(f"text:{text}", 4, 16),
-                    measure=recipes.Measure(ppl_windows=0, speed=True, prefill_tokens=24, new_tokens=4, repeats=1))
+                    measure=recipes.Measure(ppl_windows=0, speed=True, prefill_tokens=24, new_tokens=4, repeats=1,
+                                            generations=2, generation_tokens=5))
     summary = run_recipe(recipe, tmp_path / "out", progress=False)
+    assert [set(g) for g in summary["generations"]] == [{"prompt", "original", "compressed"}] * 2
+    assert "Greedy generations side by side" in (tmp_path / "out" / "report.html").read_text()
     model = load_model(str(tmp_path / "out")).model
     assert model.config.num_hidden_layers == 2 and len(quantized_modules(model)) == 14
     for name, module in quantized_modules(model).items():

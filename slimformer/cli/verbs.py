@@ -421,6 +421,19 @@ def _before_after_table(rows: list[dict], title: str):
     return table
 
 
+def _generations_table(generations: list[dict]):
+    """Greedy continuations of the same prompts by each model, one row per prompt."""
+    from rich.table import Table
+
+    table = Table(title="greedy generations, side by side", show_lines=True)
+    names = [k for k in generations[0] if k != "prompt"]
+    for col in ("prompt", *names):
+        table.add_column(col, overflow="fold", ratio=1)
+    for g in generations:
+        table.add_row(g["prompt"], *(g.get(n, "") for n in names))
+    return table
+
+
 def _fmt(value, key: str) -> str:
     if value is None:
         return ""
@@ -453,6 +466,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_recipe(recipe, args.out, model=args.model, overwrite=args.overwrite)
     console = Console()
     console.print(_before_after_table(summary["before_after"], f"{args.model or recipe.model}: before → after"))
+    if summary.get("generations"):
+        console.print(_generations_table(summary["generations"]))
     console.print(f"model: {args.out}\nreport: {summary['report_html']}")
     return 0
 

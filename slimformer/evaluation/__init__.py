@@ -16,3 +16,6 @@ __all__ += ["encode_pair", "evaluate_task", "run_lm_eval", "score_choices", "wri
 from slimformer.evaluation.instructions import instruction_loss
 
 __all__ += ["instruction_loss"]
+from slimformer.evaluation.generation import PROMPTS, greedy_generations, side_by_side
+
+__all__ += ["PROMPTS", "greedy_generations", "side_by_side"]

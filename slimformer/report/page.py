@@ -84,8 +84,12 @@ def _evaluations_html(evaluations: list[dict]) -> str:
             for e in evaluations for source, r in e.get("perplexity", {}).items()]
     costs = [[e.get("model", e["file"]), name, *(_fmt(c.get(k), k) for k in ROWS)]
              for e in evaluations for name, c in e.get("costs", {}).items()]
+    generations = [g for e in evaluations for g in e.get("generations", [])]
+    names = [k for k in (generations[0] if generations else {}) if k != "prompt"]
+    texts = [[g["prompt"], *(g.get(n, "") for n in names)] for g in generations]
     return (_table(["model", "source", "perplexity", "windows × seqlen", "tokens/s"], rows) if rows else "") + \
-           (_table(["model", "measured", *ROWS.values()], costs) if costs else "")
+           (_table(["model", "measured", *ROWS.values()], costs) if costs else "") + \
+           ("<h3>Greedy generations side by side</h3>" + _table(["prompt", *names], texts) if texts else "")
 
 
 def _bits_html(i: int, step: dict, grid: dict) -> str:

@@ -268,7 +268,8 @@ def _evaluation(doc: dict, rel: str) -> dict | None:
         figures = _clean({k: _num(_dict(r).get(k)) for k in ("perplexity", "windows", "seqlen", "tokens_per_s")})
         if "perplexity" in figures:
             ppl[str(source)] = figures
-    entry = _clean({"perplexity": ppl, "costs": _costs(record)})
+    generations = [{str(k): str(v) for k, v in g.items()} for g in map(_dict, _list(record.generations)) if "prompt" in g]
+    entry = _clean({"perplexity": ppl, "costs": _costs(record), "generations": generations})
     if not entry:
         return None
     model = record.model
