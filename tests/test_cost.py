@@ -7,7 +7,7 @@ import statistics
 import psutil
 import pytest
 import torch
-from conftest import random_ids, tiny_model, tiny_tokenizer
+from conftest import VOCAB, random_ids, tiny_model, tiny_tokenizer
 from torch import nn
 
 from slimformer import SlimformerError, get_adapter, save_model
@@ -123,3 +123,25 @@ def test_measure_costs_times_only_the_prefill_of_encoders():
     assert figures["prefill_s"] == statistics.median(figures["runs"]["prefill_s"])
     with pytest.raises(SlimformerError, match="shape"):
         measure_costs({"bert": tiny_model("bert")}, random_ids(2, 16))
+
+
+def test_decode_cost_model_calibrates_on_one_model_and_prices_removed_blocks_and_formats():
+    from slimformer.evaluation import DecodeCost
+    from slimformer.methods import RTNConfig, apply
+    from slimformer.models.surgery import remove_blocks
+
+    model = tiny_model("llama")
+    cost = DecodeCost(repeats=3)
+    cost.calibrate(model, step_seconds=0.05)
+    assert cost.predict(model) == pytest.approx(0.05)  # the measured step, split into layers and per-block overhead
+    assert len(cost.layers(model)) == 3 * 7 + 1  # 7 projections per block and the head
+    keys = set(cost.per_call)
+    shorter = tiny_model("llama")
+    remove_blocks(get_adapter(shorter), [1])
+    assert cost.predict(shorter) == pytest.approx(0.05 * 2 / 3 + cost.per_call[next(k for k in keys if k[2] == VOCAB)] / 3,
+                                                  rel=1e-6)
+    quantized = tiny_model("llama")
+    apply(get_adapter(quantized), RTNConfig(bits=8), None)
+    cost.predict(quantized)
+    assert any(k[0] == "quantized" for k in cost.per_call) and keys < set(cost.per_call)  # new formats timed on first use
+    assert set(cost.to_dict()) == {"per_block_s", "per_call_s"}
