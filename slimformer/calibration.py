@@ -32,7 +32,12 @@ Three ways to feed a block's outputs to the next (``propagate``):
 - ``"compressed"`` (Wanda's and SparseGPT's reference code): one pass observes every target
   with the dense block, the targets are compressed, a second pass computes the outputs.
 - ``"sequential"``: later modules observe the outputs of compressed earlier ones (the "true
-  sequential" order of the GPTQ/SparseGPT code). Each pass runs every sample up to the next
+  sequential" order of the GPTQ/SparseGPT code), in one of two ways with the same result.
+  *Paused* (when the samples' paused activations fit a quarter of the available memory and the
+  model is not streamed under a budget): each sample's forward runs in a coroutine that pauses
+  before each target until every sample has reached it; the target is compressed, the samples
+  resume, and the one pass yields the compressed outputs (one forward per block), holding about
+  ``n·s·(4h + 2i)·4`` bytes of paused activations. *Passes* (otherwise): each pass runs every sample up to the next
   module to compress (q/k/v and gate/up, fed the same tensor, together) and stops there; the
   module is compressed and the next pass starts; a last pass gives the compressed outputs.
   Early passes stop early, and once the attention's targets are compressed its output is kept
@@ -50,7 +55,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import psutil
 import torch
+from greenlet import GreenletExit, greenlet
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -246,6 +253,8 @@ class BlockRunner:
         self.progress = progress
         self.stream = stream_of(adapter)
         self.records: dict[int, Any] = {}  # what the visitor's ``finish`` said about each block
+        # paused sequential mode when its activations fit this many bytes (see the module docstring)
+        self.paused_bytes = psutil.virtual_memory().available // 4
         self._batch = 0  # the batch being run: observers learn which sample an input belongs to
         if samples is None:
             self.hidden, self.calls = [], [[] for _ in adapter.blocks]
@@ -386,7 +395,65 @@ class BlockRunner:
         if shape["cacheable"] and len(store) == batches:
             cache.update(outputs=store, width=shape["width"])
 
+    def _paused_fits(self, hidden: list) -> bool:
+        """Whether the paused sequential mode's activations (see the module docstring) fit :attr:`paused_bytes`."""
+        if self.stream is not None or not hidden or not isinstance(hidden, list):
+            return False  # a streamed run keeps to its budget's formula: bounded passes
+        config = self.adapter.model.config
+        h = hidden[0].shape[-1]
+        inner = max(getattr(config, "intermediate_size", None) or 4 * h, h)
+        tokens = sum(t.shape[0] * t.shape[1] for t in hidden)
+        return tokens * (4 * h + 2 * inner) * 4 <= self.paused_bytes
+
     def _forward_sequential(self, index: int, hidden: list, visitor: BlockVisitor, targets: dict) -> list:
+        """The sequential mode: paused samples when their activations fit, else bounded passes (module docstring)."""
+        if self._paused_fits(hidden):
+            return self._forward_paused(index, hidden, visitor, targets)
+        return self._forward_passes(index, hidden, visitor, targets)
+
+    @torch.no_grad()
+    def _forward_paused(self, index: int, hidden: list, visitor: BlockVisitor, targets: dict) -> list:
+        """One pass where each target is compressed once every sample has reached it.
+
+        Each sample's forward runs in a greenlet (a coroutine on this thread) that pauses in the
+        target's pre-hook; once all samples are paused at the same target, it is compressed and
+        they resume, in sample order, so sums over samples are reproducible. Grad mode is shared
+        by the greenlets: the whole pass runs under ``no_grad``.
+        """
+        done: set[str] = set()
+        scheduler = greenlet.getcurrent()
+
+        def pause(name, module, inputs):
+            # a module called twice per forward is compressed once; a visitor that runs the module
+            # itself while compressing it (from the scheduler, not a sample) is not observed
+            if name not in done and greenlet.getcurrent() in batch_of:
+                visitor.observe(name, module, inputs, batch_of[greenlet.getcurrent()])
+                scheduler.switch(name)
+
+        workers = [greenlet(lambda j=j: self.forward_block(index, hidden[j : j + 1], first=j)[0])
+                   for j in range(len(hidden))]
+        batch_of = {w: j for j, w in enumerate(workers)}
+        with observing(targets, pause):
+            try:
+                stops = [w.switch() for w in workers]
+                while not all(w.dead for w in workers):
+                    paused = {stop for w, stop in zip(workers, stops) if not w.dead}
+                    if len(paused) != 1 or any(w.dead for w in workers):
+                        raise SlimformerError(f"block {index}: samples took different paths ({paused})")
+                    name = paused.pop()
+                    visitor.compress(name, targets[name])
+                    done.add(name)
+                    stops = [w.switch() for w in workers]
+            finally:  # unwind paused samples now, inside no_grad, not later from the garbage collector
+                for w in workers:
+                    if not w.dead:
+                        w.throw(GreenletExit)
+        for name, module in targets.items():
+            if name not in done:  # never called in the forward: compress with what was seen
+                visitor.compress(name, module)
+        return stops
+
+    def _forward_passes(self, index: int, hidden: list, visitor: BlockVisitor, targets: dict) -> list:
         """Passes over the samples, each ending at the next target to compress; then one pass for the outputs.
 
         A pass runs each batch through the block until the first target not compressed yet,

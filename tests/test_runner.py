@@ -147,6 +147,25 @@ def test_sequential_mode_compresses_each_module_after_all_samples_reach_it(famil
         assert_close_scaled(a, b)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma3", "bert"])
+def test_paused_and_bounded_passes_give_the_same_numbers_at_different_cost(family):
+    samples = random_ids(3, 12)
+    runs = {}
+    for paused in (True, False):
+        model = tiny_model(family)
+        adapter = get_adapter(model)
+        runner = BlockRunner(adapter, samples, batch_size=2, progress=False)
+        runner.paused_bytes = 2**40 if paused else 0
+        first_projection = next(iter(adapter.linears(adapter.blocks[0]).values()))
+        calls = []
+        first_projection.register_forward_pre_hook(lambda m, a: calls.append(1))
+        hidden = runner.run(ScaleBySeen(adapter), propagate="sequential")
+        runs[paused] = (torch.cat(hidden), [p.detach().clone() for p in model.parameters()], len(calls))
+    (h1, p1, once), (h0, p0, passes) = runs[True], runs[False]
+    assert torch.equal(h1, h0) and all(torch.equal(a, b) for a, b in zip(p1, p0))
+    assert once == 2 and passes == 4  # paused: one forward per batch; passes: to q, to down (output replayed)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "bert"])
 def test_sequential_mode_replays_the_attention_once_its_targets_are_compressed(family, monkeypatch):
     samples = random_ids(3, 12)
@@ -157,6 +176,7 @@ def test_sequential_mode_replays_the_attention_once_its_targets_are_compressed(f
         if not replay:
             monkeypatch.setattr(BlockRunner, "_attention_of", lambda self, block: None)
         runner = BlockRunner(adapter, samples, batch_size=2, progress=False)
+        runner.paused_bytes = 0  # the bounded passes
         first_projection = next(iter(adapter.linears(adapter.blocks[0]).values()))  # q, or GPT-2's fused qkv
         calls = []
         first_projection.register_forward_pre_hook(lambda m, a: calls.append(1))
