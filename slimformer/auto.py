@@ -317,7 +317,8 @@ class CandidateScorer:
 
 
 def initial_points(space: dict) -> list[dict]:
-    """Seeds of the search: the dense model and one plain quantization per bit width, so every family starts in the population."""
+    """Seeds of the search: the dense model and one plain quantization per bit width, with and without the head
+    quantized, so the cheap and usually Pareto-optimal points are scored even under a short budget."""
     def pick(name: str, *preferred):
         choices = space[name].choices
         return next((v for v in preferred if v in choices), choices[0])
@@ -326,11 +327,13 @@ def initial_points(space: dict) -> list[dict]:
     base.update(sparsity=pick("sparsity", "none"), recovery=pick("recovery", False), head=pick("head", 0),
                 quantizer=pick("quantizer", "rtn"), bits=pick("bits", 0), blocks=space["blocks"].low)
     points = [dict(base)]
+    head = max(space["head"].choices)
     for bits in space["bits"].choices:
         if bits:
             group = max(space["group"].choices) if bits < 8 else pick("group", -1)
-            points.append({**base, "bits": bits, "group": group,
-                           "quantizer": pick("quantizer", "gptq") if bits < 8 else base["quantizer"]})
+            plain = {**base, "bits": bits, "group": group,
+                     "quantizer": pick("quantizer", "gptq") if bits < 8 else base["quantizer"]}
+            points += [plain] + ([{**plain, "head": head}] if head else [])
     return points
 
 
