@@ -231,8 +231,7 @@ Scorer = Callable[[dict], dict]
 
 
 def search(space: dict, score: Scorer, target: Target, *, trials: int, seconds: float | None = None,
-           strategy: str = "nsga2", seed: int = 0, storage: Path | None = None, initial: list[dict] | None = None,
-           progress: bool = True) -> dict:
+           strategy: str = "nsga2", seed: int = 0, initial: list[dict] | None = None, progress: bool = True) -> dict:
     """Search ``space`` (optuna distributions) with ``score(params) -> {ppl, size, speed}``; the points, front and choice.
 
     Returns ``{"points", "front", "chosen"}``: every scored point (params and figures, in trial
@@ -246,14 +245,8 @@ def search(space: dict, score: Scorer, target: Target, *, trials: int, seconds: 
         points.append({"params": params, **figures})
         return figures["ppl"], figures["size"], 1 / figures["speed"]
 
-    result = run_search(space, evaluate, objectives=OBJECTIVES, strategy=strategy, trials=trials, seed=seed,
-                        storage=storage, progress=progress, initial=initial, seconds=seconds)
-    if len(points) < len(result.trials):  # trials of an earlier, resumed process: their figures are their values
-        known = {json.dumps(p["params"], sort_keys=True) for p in points}
-        for t in result.trials:
-            if json.dumps(t["params"], sort_keys=True) not in known:
-                ppl, size, latency = t["values"]
-                points.insert(0, {"params": t["params"], "ppl": ppl, "size": size, "speed": 1 / latency})
+    run_search(space, evaluate, objectives=OBJECTIVES, strategy=strategy, trials=trials, seed=seed,
+               progress=progress, initial=initial, seconds=seconds)
     front = pareto_mask([[p["ppl"], p["size"], 1 / p["speed"]] for p in points]).nonzero()[0].tolist()
     return {"points": points, "front": front, "chosen": choose(points, target)}
 
