@@ -28,17 +28,23 @@ import torch
 from common import RESULTS, run_children, write_result
 
 STARTS = ("sleb6", "sparsegpt24", "wanda24", "gptq4g64")
-METHODS = ("none", "ce", "kd", "kd+ce", "kd+lora")
+METHODS = ("none", "ce", "kd", "kd+ce", "kd+lora", "ce+gptq", "kd+lora+gptq")
 RUNS = ["hf-loop"] + [f"{s}:{m}" for s in STARTS for m in METHODS]
 SLEB_6 = [12, 13, 14, 17, 25, 26]
+
+
+def start_gptq(device: str = "cpu"):
+    """The GPTQ of the ``gptq4g64`` start (int4, groups of 64, act-order), also used to re-quantize after training."""
+    from slimformer.methods import GPTQConfig
+
+    return GPTQConfig(bits=4, group_size=64, device=device)
 DENSE_PPL = 20.38  # the dense model on the same 40 windows (benchmarks/results/dense_smollm2.md)
 
 
-def start_model(name: str, store: Path, search_sleb: bool):
-    """The compressed starting point, built once and saved under ``store``."""
+def start_model(name: str, store: Path, search_sleb: bool, device: str = "cpu"):
+    """The compressed starting point, built once and saved under ``store`` (calibrated on ``device``)."""
     from slimformer import load_model, save_model
-    from slimformer.data import calibration_samples
-    from slimformer.methods import GPTQConfig, SLEBConfig, SparseGPTConfig, WandaConfig, apply
+    from slimformer.methods import SLEBConfig, SparseGPTConfig, WandaConfig, apply
     from slimformer.models.surgery import remove_blocks
 
     folder = store / name
@@ -50,10 +56,9 @@ def start_model(name: str, store: Path, search_sleb: bool):
         remove_blocks(loaded.adapter, SLEB_6)
         info = {"removed": SLEB_6, "how": "the blocks of block_removal_smollm2_sleb_6"}
     else:
-        samples = calibration_samples(loaded.tokenizer, "wikitext2:valid", n=1 if name == "sleb6" else 32,
-                                      seqlen=2048, seed=0)
-        config = {"sleb6": SLEBConfig(blocks=6), "sparsegpt24": SparseGPTConfig(pattern="2:4"),
-                  "wanda24": WandaConfig(pattern="2:4"), "gptq4g64": GPTQConfig(bits=4, group_size=64)}[name]
+        samples = calibration(loaded.tokenizer, n=1 if name == "sleb6" else 32)
+        config = {"sleb6": SLEBConfig(blocks=6, device=device), "sparsegpt24": SparseGPTConfig(pattern="2:4", device=device),
+                  "wanda24": WandaConfig(pattern="2:4", device=device), "gptq4g64": start_gptq(device)}[name]
         result = apply(loaded.adapter, config, samples)
         info = {"method": result.method, "seconds": result.seconds, "summary": {
             k: v for k, v in result.summary.items() if k in ("removed", "sparsity", "scheme")}}
@@ -63,11 +68,25 @@ def start_model(name: str, store: Path, search_sleb: bool):
     return load_model(str(folder)), info
 
 
-def recovery_config(method: str, tokens: int, lr: float | None = None):
-    """The recovery step of a run (the teacher is the original model); ``lr`` overrides the method's default."""
+def calibration(tokenizer, n: int = 32):
+    """The starting points' calibration: ``n`` × 2048 tokens of WikiText-2 valid, seed 0."""
+    from slimformer.data import calibration_samples
+
+    return calibration_samples(tokenizer, "wikitext2:valid", n=n, seqlen=2048, seed=0)
+
+
+def recovery_config(method: str, tokens: int, lr: float | None = None, device: str = "cpu"):
+    """The recovery step of a run (the teacher is the original model); ``lr`` overrides the method's default.
+
+    ``METHOD+gptq`` trains a quantized start's float weights without putting them back on their
+    grids (``regrid=False``); the run then quantizes them afresh with the start's GPTQ.
+    """
     from slimformer.methods import DistillConfig, FinetuneConfig, LoRAConfig
 
     extra = {"lr": lr} if lr else {}
+    extra["device"] = device
+    if method.endswith("+gptq"):
+        method, extra["regrid"] = method.removesuffix("+gptq"), False
     if method == "ce":
         return FinetuneConfig(tokens=tokens, **extra)
     if method == "kd":
@@ -110,22 +129,28 @@ def one_run(name: str, args) -> dict:
     from slimformer.evaluation import evaluate_task, perplexity
     from slimformer.methods import apply
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if name == "hf-loop":
         return hf_loop()
     start_name, method = name.split(":")
-    loaded, info = start_model(start_name, Path(args.store).expanduser(), args.search_sleb)
-    out = {"name": name, "start": info}
+    loaded, info = start_model(start_name, Path(args.store).expanduser(), args.search_sleb, args.device)
+    out = {"name": name, "start": info, "device": args.device}
     if method != "none":
-        config = recovery_config(method, args.tokens, args.lr)
+        config = recovery_config(method, args.tokens, args.lr, args.device)
         ids = tokenize(loaded.tokenizer, load_text(config.data))
         result = apply(loaded.adapter, config, ids)
         out.update(seconds=result.seconds, peak_rss_gib=result.peak_rss_gib, config=result.config,
                    summary={k: v for k, v in result.summary.items()})
+        if method.endswith("+gptq"):
+            again = apply(loaded.adapter, start_gptq(args.device), calibration(loaded.tokenizer))
+            out["requantized"] = {"method": again.method, "seconds": again.seconds}
+    loaded.model.to(args.device)
     test = tokenize(loaded.tokenizer, load_text("wikitext2:test"))
     out["ppl"] = perplexity(loaded.model, test, windows=args.windows, progress=False).perplexity
     if args.tasks:
-        out["tasks"] = {t: evaluate_task(loaded.model, loaded.tokenizer, t, limit=args.limit, progress=False)
+        batch = 16 if args.device == "cpu" else 64  # on a GPU the cost is the number of forward calls
+        out["tasks"] = {t: evaluate_task(loaded.model, loaded.tokenizer, t, limit=args.limit, batch_size=batch,
+                                         progress=False)
                         for t in ("piqa", "arc_easy")}
     return out
 
@@ -163,6 +188,10 @@ def _rows(results: dict[str, dict]) -> list[tuple[str, str]]:
                 text += f" · LoRA held-out unmerged {s['heldout_unmerged']:.4f}, merged {s['heldout_merged']:.4f}"
             if "heldout_requantized" in s:
                 text += f" · float {s['heldout_float']:.4f}, back on the int4 grid {s['heldout_requantized']:.4f}"
+            elif "heldout_float" in s:
+                text += f" · float {s['heldout_float']:.4f}"
+            if q := r.get("requantized"):
+                text += f", then {q['method'].upper()} afresh ({q['seconds']:.0f} s)"
         rows.append((name, text))
     return rows
 
@@ -177,15 +206,20 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="examples per task")
     parser.add_argument("--store", default="~/.cache/slimformer/recovery-starts")
     parser.add_argument("--search-sleb", action="store_true", help="search SLEB's blocks instead of the recorded ones")
+    parser.add_argument("--device", default="cpu", help="where calibration, training and evaluation run (cuda for a GPU)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of each run")
+    parser.add_argument("--tag", default=None, help="write results/recovery_smollm2_TAG.{json,md} instead")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(one_run(json.loads(args.child), args)))
         return
     runs = [r for r in RUNS if r in args.only.split(",")] if args.only else RUNS
-    path = RESULTS / "recovery_smollm2.json"
+    stem = "recovery_smollm2" + (f"_{args.tag}" if args.tag else "")
+    path = RESULTS / f"{stem}.json"
     results = {r["name"]: r for r in (json.loads(path.read_text())["runs"] if path.exists() else [])}
-    extra = ["--tokens", str(args.tokens), "--windows", str(args.windows), "--store", args.store]
+    extra = ["--tokens", str(args.tokens), "--windows", str(args.windows), "--store", args.store,
+             "--device", args.device, "--threads", str(args.threads)]
     extra += (["--tasks"] if args.tasks else []) + (["--limit", str(args.limit)] if args.limit else [])
     extra += ["--search-sleb"] if args.search_sleb else []
     extra += ["--lr", str(args.lr)] if args.lr else []
@@ -196,7 +230,7 @@ def main() -> None:
             name = r["name"] if r["name"].endswith(":none") else r["name"] + suffix  # no training: no budget
             results[name] = {**r, "name": name}
         ordered = [n for base in RUNS for n in results if n.split("@")[0] == base]
-        write_result("recovery_smollm2", {"tokens": args.tokens, "windows": args.windows,
+        write_result(stem, {"tokens": args.tokens, "windows": args.windows, "device": args.device,
                                           "runs": [results[n] for n in ordered]}, _rows(results))
 
 

@@ -259,6 +259,37 @@ def test_packed_kernels_match_the_float_path(bits, group, symmetric):
     assert module.dequantized().shape == W.shape
 
 
+def test_the_int4_kernel_view_follows_the_codes_device():
+    """Off the CPU the kernel's packed view is dropped; a module that arrives on the CPU without it
+    (built or trained on a GPU) packs it again, and decodes as one built on the CPU."""
+    W = torch.randn(96, 64, generator=gen(7))
+    built = QuantizedLinear(quantize_weight(W, QuantScheme(4, 32)))
+    moved = QuantizedLinear(quantize_weight(W, QuantScheme(4, 32))).to("meta")
+    assert moved.kernel is None and "int4_packed" not in dict(moved.named_buffers())
+    arrived = QuantizedLinear(quantize_weight(W, QuantScheme(4, 32)))
+    arrived.kernel = None  # what a module made on a GPU carries
+    for name in ("int4_packed", "int4_scales_zeros"):
+        del arrived._buffers[name]
+    arrived.to("cpu")
+    assert arrived.kernel == "int4"
+    x = torch.randn(3, 64, generator=gen(9))
+    assert torch.equal(arrived(x), built(x))
+
+
+def test_dequantized_modules_stay_on_the_device_of_their_weights(monkeypatch):
+    """Training a quantized model on a GPU dequantizes it there: the float Linears are made where
+    the dequantized weights are (the meta device stands in for the GPU here)."""
+    from slimformer.models.quantized import dequantize_model
+
+    model = tiny_model("llama")
+    apply(get_adapter(model), RTNConfig(bits=4, group_size=16))
+    monkeypatch.setattr(QuantizedLinear, "dequantized", lambda self, dtype=torch.float32:
+                        torch.empty(self.out_features, self.in_features, dtype=dtype, device="meta"))
+    dequantize_model(model)
+    linears = select_linears(get_adapter(model))
+    assert not quantized_modules(model) and {m.weight.device.type for m in linears.values()} == {"meta"}
+
+
 # -- bad input -----------------------------------------------------------------------------------------
 def test_invalid_configs_fail_in_one_line():
     with pytest.raises(SlimformerError, match="bits must be one of 2, 3, 4, 8, not 5"):

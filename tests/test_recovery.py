@@ -233,6 +233,51 @@ def test_a_quantized_model_trains_over_its_grid_and_stays_quantized():
             assert torch.equal(modules[n].weight_scale, scale) and torch.equal(modules[n].weight_zero_point, zero)
 
 
+def test_rounding_zeros_of_a_quantized_model_are_trained_and_pruned_zeros_kept():
+    """int4 rounding puts some weights on the zero point: they are not a pattern and train; the zeros
+    of a 2:4-pruned, then quantized model are one and stay."""
+    from slimformer.methods import WandaConfig
+    from slimformer.models.quantized import dequantize_model
+
+    rounded = tiny_model("llama")
+    apply(get_adapter(rounded), RTNConfig(bits=4, group_size=None))
+    names = set(quantized_modules(rounded))
+    dequantize_model(rounded)
+    linears = select_linears(get_adapter(rounded))
+    assert any((linears[n].weight == 0).any() for n in names)  # the test can fail: there are zeros to ignore
+    assert _zero_masks(get_adapter(rounded), names) == {}
+    pruned = tiny_model("llama")
+    apply(get_adapter(pruned), WandaConfig(pattern="2:4"), random_ids(2, 16))
+    apply(get_adapter(pruned), RTNConfig(bits=4, group_size=None))
+    dequantize_model(pruned)
+    masks = _zero_masks(get_adapter(pruned), names)
+    assert masks.keys() == names and all(z.float().mean() >= 0.5 for z in masks.values())
+
+
+def test_no_regrid_leaves_the_trained_float_weights():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    apply(adapter, RTNConfig(bits=4, group_size=16))
+    s = apply(adapter, FinetuneConfig(tokens=64, lr=1e-2, patience=0, regrid=False, **TRAIN), random_ids(1, 600)).summary
+    assert not quantized_modules(model) and "heldout_requantized" not in s
+    assert s["heldout_after"] == s["heldout_float"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_quantized_model_recovers_on_a_gpu_and_decodes_on_the_cpu_kernel_after():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    apply(adapter, RTNConfig(bits=4, group_size=None))
+    kernels = {n: m.kernel for n, m in quantized_modules(model).items()}
+    for config in (FinetuneConfig(tokens=64, lr=1e-2, patience=0, device="cuda", **TRAIN),
+                   LoRAConfig(tokens=64, lr=1e-2, patience=0, device="cuda", **TRAIN)):
+        s = apply(adapter, config, random_ids(1, 600)).summary
+        assert torch.isfinite(torch.tensor([s["heldout_float"], s["heldout_requantized"]])).all()
+        modules = quantized_modules(model)
+        assert {n: m.kernel for n, m in modules.items()} == kernels and "int4" in kernels.values()
+        assert {p.device.type for p in model.parameters()} | {b.device.type for b in model.buffers()} == {"cpu"}
+
+
 def test_cli_recover_writes_a_stock_model_and_refuses_kd_without_teacher(saved_tiny, tmp_path, capsys):
     path, text = saved_tiny
     args = ["recover", str(path), "--data", str(text), "--tokens", "0.2k", "--seqlen", "16", "--batch-size", "2",

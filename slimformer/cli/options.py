@@ -257,6 +257,9 @@ def add_recover_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--lora-alpha", type=float, default=32.0)
     p.add_argument("--lora-targets", nargs="*", default=[], help="projection roles (q k v o gate up down); default all")
     p.add_argument("--unmasked-merge", action="store_true", help="lora: merge into pruned weights too (loses sparsity)")
+    p.add_argument("--no-regrid", action="store_true",
+                   help="quantized input: keep the trained float weights instead of rounding them back onto "
+                        "their grids (quantize afresh afterwards, e.g. slimformer quantize --method gptq)")
     p.add_argument("--loss", default="kl", choices=KD_LOSSES, help="kd divergence: forward KL, reverse KL, Jensen-Shannon")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=64, help="teacher logits kept per token in the cache")

@@ -221,7 +221,7 @@ def _recover_config(args: argparse.Namespace):
                   heldout=args.heldout, eval_every=args.eval_every, patience=args.patience,
                   checkpointing=args.checkpointing, seed=args.seed, device=args.device, teacher=args.teacher,
                   loss=args.loss, temperature=args.temperature, top_k=args.top_k, hidden_weight=args.hidden_weight,
-                  cache=args.cache, **({"lr": args.lr} if args.lr else {}))
+                  cache=args.cache, regrid=not args.no_regrid, **({"lr": args.lr} if args.lr else {}))
     lora = dict(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_targets=tuple(args.lora_targets),
                 masked_merge=not args.unmasked_merge)
     if args.method == "ce":

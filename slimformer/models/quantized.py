@@ -104,6 +104,17 @@ class QuantizedLinear(nn.Module):
         self.kernel_group = kernel_group
         return "int4"
 
+    def _apply(self, fn, recurse=True):
+        """Move or cast as nn.Module does, then keep the int4 kernel's view with the codes: dropped
+        off the CPU (only the CPU kernel reads it) and rebuilt on the way back, so a model quantized
+        or trained on a GPU decodes on the CPU kernel once it is moved there."""
+        super()._apply(fn, recurse)
+        if self.scheme.bits == 4 and (self.codes.device.type == "cpu") != (self.kernel == "int4"):
+            for name in ("int4_packed", "int4_scales_zeros"):
+                self._buffers.pop(name, None)
+            self.kernel = self._pack_for_cpu()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if self.kernel and _state["kernels"] and rows <= _state["decode_rows"] and x.device.type == "cpu":
@@ -207,9 +218,10 @@ def dequantize_model(model: nn.Module) -> None:
     for name, module in quantized_modules(model).items():
         W = module.dequantized()
         if isinstance(module, QuantizedEmbedding):
-            new = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+            new = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
+                               device=W.device)
         else:
-            new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=W.device)
             if module.bias is not None:
                 new.bias.data.copy_(module.bias)
         new.weight.data.copy_(W)
