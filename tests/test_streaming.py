@@ -166,6 +166,20 @@ def test_resume_after_interruption_gives_the_same_model(source, tmp_path, monkey
     assert result.summary["quantized_params"] > 0 and len(result.layers) == 21
 
 
+def test_a_resumed_awq_run_reports_every_blocks_alphas(source, tmp_path, monkeypatch):
+    config, samples = AWQConfig(bits=4, group_size=16), random_ids(4, 16)
+    whole = in_memory(source, config, samples, tmp_path / "mem").summary["alphas"]
+    write = Stream.write
+    monkeypatch.setattr(Stream, "write", lambda self, i, b: (_ for _ in ()).throw(KeyboardInterrupt) if i == 2
+                        else write(self, i, b))
+    with pytest.raises(KeyboardInterrupt):
+        streamed(source, config, samples, tmp_path / "str")
+    monkeypatch.setattr(Stream, "write", write)
+    resumed = streamed(source, config, samples, tmp_path / "str").summary["alphas"]
+    assert len(whole) == 3 * 3 and resumed == whole  # three scaled pairs in each of three blocks
+    assert_same_weights(tmp_path / "mem", tmp_path / "str")
+
+
 def test_resume_with_activations_on_disk(source, tmp_path, monkeypatch):
     config, samples = WandaConfig(sparsity=0.5), random_ids(4, 16)
     in_memory(source, config, samples, tmp_path / "mem")

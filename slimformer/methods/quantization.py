@@ -431,6 +431,26 @@ class _AWQBlock:
         Wg.copy_(torch.maximum(torch.minimum(Wg, hi[..., None]), lo[..., None]))
 
 
+class _AWQInstaller(BlockInstaller):
+    """A :class:`BlockInstaller` whose block records also hold the block's searched α, so a resumed run reports them all."""
+
+    def __init__(self, adapter: Adapter, weights: dict[str, QuantizedWeight], state: _AWQBlock):
+        super().__init__(adapter, weights)
+        self.state = state
+
+    def finish(self, index: int, modules: dict[str, nn.Module]) -> dict:
+        """Install block ``index``'s weights; its record with its α per scaled pair."""
+        record = super().finish(index, modules)
+        prefix = f"{self.adapter.block_prefix}.{index}."
+        record["alphas"] = {k: v for k, v in self.state.alphas.items() if k.startswith(prefix)}
+        return record
+
+    def restore(self, index: int, record: dict) -> None:
+        """Add a finished block's record to the totals and its α to the method's."""
+        super().restore(index, record)
+        self.state.alphas.update(record.get("alphas", {}))
+
+
 @register(AWQConfig)
 def awq(adapter: Adapter, config: AWQConfig, samples: torch.Tensor | None = None) -> MethodResult:
     """AWQ every selected projection: scales searched on calibration activations and folded, then RTN or GPTQ."""
@@ -438,7 +458,7 @@ def awq(adapter: Adapter, config: AWQConfig, samples: torch.Tensor | None = None
     state = _AWQBlock(adapter, config, scheme, modules)
     kinds = ("absmean", "rows") + (("hessian",) if config.then == "gptq" else ())
     tokens = samples.numel() if samples is not None else 1
-    installer = BlockInstaller(adapter, state.weights)
+    installer = _AWQInstaller(adapter, state.weights, state)
     visitor = _visitor(StatsVisitor, adapter, modules, installer, kinds,
                        lambda n, m, st: state.compress(n, m, st, visitor.stats),
                        max_rows=config.max_rows, stride=max(1, tokens // config.max_rows))
