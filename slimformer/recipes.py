@@ -442,7 +442,7 @@ def run_recipe(recipe: str | Path | dict | Recipe, out: str | Path, *, model: st
 
 def run_streamed(recipe: str | Path | dict | Recipe, out: str | Path, *, max_memory: int, model: str | None = None,
                  overwrite: bool = False, progress: bool = True, dtype: str = "float32",
-                 out_dtype: str | None = None, activations: str = "auto") -> dict:
+                 out_dtype: str | None = None, activations: str = "auto", sparse_out: str | Path | None = None) -> dict:
     """Run a recipe's compressing steps with the model streamed from disk block by block (``--max-memory``).
 
     Each step reads the previous one's output shards and writes its own as blocks finish (see
@@ -451,7 +451,8 @@ def run_streamed(recipe: str | Path | dict | Recipe, out: str | Path, *, max_mem
     against ``max_memory`` bytes before it runs; ``activations`` (auto, memory, disk) says
     where the calibration hidden states live (auto: on disk only when they would not fit).
     Perplexity is not measured (it needs the whole model); the output folder holds the model
-    and ``run.json``.
+    and ``run.json``. ``sparse_out`` also writes a sparse-bitmask copy of a pruned output, made
+    from the output one shard at a time.
     """
     from slimformer.methods.memory import ACTIVATIONS, STREAMABLE, check_budget
     from slimformer.models.loading import load_streamed
@@ -468,6 +469,11 @@ def run_streamed(recipe: str | Path | dict | Recipe, out: str | Path, *, max_mem
     for step in recipe.steps:
         if not isinstance(step, STREAMABLE):
             raise SlimformerError(f"step '{step.method}' needs the whole model in memory: run it without --max-memory")
+    if sparse_out is not None:
+        if Path(sparse_out).exists() and not overwrite:
+            raise SlimformerError(f"output '{sparse_out}' exists; choose another path or pass --overwrite")
+        if any(getattr(step, "bits", None) for step in recipe.steps):
+            raise SlimformerError("a quantized output has no sparse-bitmask form: drop --sparse-out")
     if recipe.measure.ppl_windows:
         raise SlimformerError("perplexity is measured on the whole model in memory: drop --ppl-windows with --max-memory")
     load_text(recipe.calibration.source)
@@ -511,6 +517,13 @@ def run_streamed(recipe: str | Path | dict | Recipe, out: str | Path, *, max_mem
         source = str(target)
     summary = {"recipe": recipe.to_dict(), "streamed": True, "max_memory_bytes": max_memory, "steps": steps,
                "report_html": None}
+    if sparse_out is not None:
+        from slimformer.models.sparse_storage import linear_weight_names, sparsify_checkpoint
+
+        pattern = next((getattr(s, "pattern", None) for s in reversed(recipe.steps) if getattr(s, "pattern", None)), None)
+        with atomic_dir(sparse_out, overwrite=overwrite) as tmp:
+            sparsify_checkpoint(out, tmp, linear_weight_names(loaded.model), structure=pattern or "unstructured")
+        summary["sparse_out"] = str(sparse_out)
     write_json(out / "run.json", summary)
     (out / "step.json").unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)

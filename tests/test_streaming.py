@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -253,7 +254,34 @@ def test_cli_max_memory_refuses_a_budget_too_small_and_leaves_nothing(source, tm
     assert run.returncode != 0 and "memory size" in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "src"]
     run = cli("prune", *common, "--method", "wanda", "--max-memory", "2GiB", "--activations", "disk", "--out", "p",
-              cwd=tmp_path)
+              "--sparse-out", "ps", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "streamed within --max-memory" in run.stdout and "activations on disk" in run.stdout
-    assert load_model(str(tmp_path / "p")).model.model.layers[0].mlp.up_proj.weight.eq(0).float().mean() == 0.5
+    for out in ("p", "ps"):
+        assert load_model(str(tmp_path / out)).model.model.layers[0].mlp.up_proj.weight.eq(0).float().mean() == 0.5
+
+
+def test_streamed_sparse_out_is_a_sharded_bitmask_copy_of_the_output(source, tmp_path):
+    """--sparse-out with --max-memory converts the streamed output shard by shard; it loads with the same weights."""
+    from slimformer.recipes import run_streamed
+
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
+    recipe = {"model": str(source), "steps": [{"method": "sparsegpt", "pattern": "2:4"}],
+              "calibration": {"source": str(text), "nsamples": 4, "seqlen": 16}, "measure": {"ppl_windows": 0}}
+    summary = run_streamed(recipe, tmp_path / "dense", max_memory=2**31, sparse_out=tmp_path / "sparse",
+                           progress=False)
+    sparse = tmp_path / "sparse"
+    assert summary["sparse_out"] == str(sparse) and (sparse / INDEX).exists()
+    config = json.loads((sparse / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert config["format"] == "sparse-bitmask" and config["sparsity_structure"] == "2:4"
+    assert config["global_sparsity"] == pytest.approx(0.5)
+    dense, reread = load_model(str(tmp_path / "dense")).model, load_model(str(sparse)).model
+    assert dense.state_dict().keys() == reread.state_dict().keys()
+    assert all(torch.equal(t, reread.state_dict()[k]) for k, t in dense.state_dict().items())
+    assert sum(f.stat().st_size for f in sparse.glob("*.safetensors")) < \
+        sum(f.stat().st_size for f in (tmp_path / "dense").glob("*.safetensors"))
+    with pytest.raises(SlimformerError, match="quantized output has no sparse-bitmask form"):
+        run_streamed({**recipe, "steps": [{"method": "gptq", "bits": 4, "group_size": 16}]}, tmp_path / "q",
+                     max_memory=2**31, sparse_out=tmp_path / "qs", progress=False)
+    assert not (tmp_path / "q").exists() and not (tmp_path / "qs").exists()

@@ -129,8 +129,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     finetune = (FinetuneConfig(steps=args.finetune_steps, lr=args.finetune_lr, seqlen=args.finetune_seqlen,
                                data=args.finetune_data, device=args.device),) if args.finetune_steps else ()
     recipe = _one_step_recipe(args, _method_config(args), *finetune, speed=False)
-    if args.max_memory and args.sparse_out:
-        raise SlimformerError("--sparse-out re-saves the whole model in memory: drop it with --max-memory")
     summary = _run(args, recipe, sparse_out=args.sparse_out)
     result = summary["steps"][0]["result"]
     console = Console()
@@ -150,7 +148,8 @@ def _run(args: argparse.Namespace, recipe, sparse_out=None) -> dict:
         from slimformer.methods.memory import parse_size
 
         return run_streamed(recipe, args.out, max_memory=parse_size(args.max_memory), overwrite=args.overwrite,
-                            dtype=args.dtype, out_dtype=args.out_dtype, activations=args.activations)
+                            dtype=args.dtype, out_dtype=args.out_dtype, activations=args.activations,
+                            sparse_out=sparse_out)
     return run_recipe(recipe, args.out, overwrite=args.overwrite, dtype=args.dtype, sparse_out=sparse_out)
 
 

@@ -63,7 +63,11 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.scheme = qweight.scheme
         self.out_features, self.in_features = qweight.codes.shape
-        self.register_buffer("codes", qweight.codes.to(torch.int8).contiguous())
+        codes = qweight.codes.to(torch.int8).contiguous()
+        # Codes read from a safetensors file can start at any byte; the int8 kernel's AVX-512 path
+        # reads them with aligned loads and crashes on a start 8 bytes past a 16-byte boundary.
+        # A fresh tensor starts where torch's allocator puts it, on a 64-byte boundary.
+        self.register_buffer("codes", codes.clone() if codes.data_ptr() % 64 else codes)
         self.register_buffer("weight_scale", qweight.scale.float().contiguous())
         self.register_buffer("weight_zero_point", qweight.zero.to(torch.int8).contiguous())
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None

@@ -13,6 +13,8 @@ A 50%-sparse float32 weight takes 50% + 1/32 of its dense size.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from compressed_tensors.config import BitmaskConfig
 from compressed_tensors.utils import pack_bitmasks, unpack_bitmasks
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as INDEX
 
 from slimformer.errors import SlimformerError
 
@@ -55,46 +58,105 @@ def decompress_weight(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     return W
 
 
-def sparse_state_dict(model: nn.Module, min_sparsity: float = 0.1) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The model's tensors with every Linear weight at least ``min_sparsity`` zero in bitmask form.
+def _sparse_tensors(items, linear_weights: set[str], min_sparsity: float, counts: dict[str, int]) -> dict[str, torch.Tensor]:
+    """``(name, tensor)`` pairs as stored: each Linear weight at least ``min_sparsity`` zero in bitmask form.
 
-    Tied tensors (an output head sharing the embedding) are stored once, as ``save_pretrained`` does.
+    ``counts`` accumulates the zeros, entries and names of the weights compressed.
     """
-    state, seen, compressed = {}, set(), []
-    linear_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
+    state = {}
+    for name, tensor in items:
         tensor = tensor.detach().cpu().contiguous()
-        if name in linear_weights and (tensor == 0).float().mean().item() >= min_sparsity:
+        zeros = int((tensor == 0).sum()) if name in linear_weights else 0
+        if name in linear_weights and zeros >= min_sparsity * tensor.numel():
             state.update({f"{name}.{k}": v for k, v in compress_weight(tensor).items()})
-            compressed.append(name)
+            counts["zeros"] += zeros
+            counts["total"] += tensor.numel()
+            counts.setdefault("names", []).append(name)
         else:
             state[name] = tensor
-    return state, compressed
+    return state
+
+
+def _new_counts() -> dict:
+    return {"zeros": 0, "total": 0, "names": []}
+
+
+def _sparse_config(config: dict, counts: dict, structure: str) -> dict:
+    """``config`` with the ``quantization_config`` that marks a sparse-bitmask checkpoint."""
+    if not counts["names"]:
+        raise SlimformerError("no Linear weight is sparse enough to store in the sparse-bitmask format")
+    sparsity = BitmaskConfig(global_sparsity=counts["zeros"] / counts["total"], sparsity_structure=structure,
+                             targets=sorted({n.rsplit(".", 1)[0] for n in counts["names"]}))
+    return {**config, "quantization_config": {"quant_method": "compressed-tensors", "format": FORMAT,
+                                              "sparsity_config": sparsity.model_dump()}}
+
+
+def linear_weight_names(model: nn.Module) -> set[str]:
+    """The state-dict names of every Linear weight of ``model`` (a skeleton on the meta device will do)."""
+    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _unique_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The model's state, tied tensors (an output head sharing the embedding) once, as ``save_pretrained`` stores them."""
+    seen, items = set(), []
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            items.append((name, tensor))
+    return items
+
+
+def sparse_state_dict(model: nn.Module, min_sparsity: float = 0.1) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The model's tensors with every Linear weight at least ``min_sparsity`` zero in bitmask form, and their names."""
+    counts = _new_counts()
+    state = _sparse_tensors(_unique_tensors(model), linear_weight_names(model), min_sparsity, counts)
+    return state, counts["names"]
 
 
 def write_sparse(model: nn.Module, folder: Path, structure: str = "unstructured") -> list[str]:
     """Write ``model.safetensors`` and ``config.json`` in the sparse-bitmask format into ``folder``."""
-    state, compressed = sparse_state_dict(model)
-    if not compressed:
-        raise SlimformerError("no Linear weight is sparse enough to store in the sparse-bitmask format")
+    counts = _new_counts()
+    state = _sparse_tensors(_unique_tensors(model), linear_weight_names(model), 0.1, counts)
+    config = _sparse_config(model.config.to_dict(), counts, structure)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    zeros = sum(int((t == 0).sum()) for n, t in model.state_dict().items() if n in compressed)
-    total = sum(t.numel() for n, t in model.state_dict().items() if n in compressed)
-    sparsity = BitmaskConfig(global_sparsity=zeros / total, sparsity_structure=structure,
-                             targets=sorted({n.rsplit(".", 1)[0] for n in compressed}))
-    config = model.config.to_dict()
-    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": FORMAT,
-                                     "sparsity_config": sparsity.model_dump()}
     model.config.__class__.from_dict(config).save_pretrained(folder)
-    return compressed
+    return counts["names"]
+
+
+def sparsify_checkpoint(source: Path, folder: Path, linear_weights: set[str], structure: str = "unstructured",
+                        min_sparsity: float = 0.1) -> list[str]:
+    """Write a sparse-bitmask copy of the dense safetensors checkpoint ``source`` into ``folder``, one shard at a time.
+
+    For a model streamed from disk (``--max-memory``): memory holds one shard (one block of a
+    streamed output), never the model. The shards are named as ``save_pretrained`` names them,
+    with an index when there are several; config, tokenizer and other files are copied, the
+    config marked sparse.
+    """
+    from slimformer.models.streaming import name_shards  # streaming reads checkpoints through this module
+
+    source, folder = Path(source), Path(folder)
+    shards = sorted(source.glob("*.safetensors"))
+    if not shards:
+        raise SlimformerError(f"no safetensors weights in {source}")
+    counts, parts = _new_counts(), []
+    for k, shard in enumerate(shards):
+        state = _sparse_tensors(load_file(str(shard)).items(), linear_weights, min_sparsity, counts)
+        parts.append(f"part-{k:05d}.safetensors")
+        save_file(state, str(folder / parts[-1]), metadata={"format": "pt"})
+    config = _sparse_config(json.loads((source / "config.json").read_text()), counts, structure)
+    for other in source.iterdir():
+        if other.is_file() and other.suffix != ".safetensors" and other.name not in ("config.json", INDEX):
+            shutil.copy2(other, folder / other.name)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    name_shards(folder, parts)
+    return counts["names"]
 
 
 def read_sparse(folder: Path) -> dict[str, torch.Tensor]:
-    """The dense state dict of a sparse-bitmask checkpoint folder."""
-    raw = load_file(str(Path(folder) / "model.safetensors"))
+    """The dense state dict of a sparse-bitmask checkpoint folder (one file or shards)."""
+    raw = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        raw.update(load_file(str(file)))
     state, groups = {}, {}
     for key, tensor in raw.items():
         base, _, part = key.rpartition(".")

@@ -34,6 +34,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as INDEX  # the index save_pretrained writes
 
 from slimformer.errors import SlimformerError
 from slimformer.files import atomic_path
@@ -43,7 +44,6 @@ from slimformer.models.quantized import quantized_modules
 
 log = logging.getLogger(__name__)
 
-INDEX = "model.safetensors.index.json"
 
 
 def name_shards(folder: Path, files: list[str]) -> None:
