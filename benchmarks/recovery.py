@@ -3,8 +3,11 @@
 Starting points (each built once and kept under ``--store``): SLEB 6/30 (the blocks SLEB
 chose in ``block_removal_smollm2_sleb_6``: 12, 13, 14, 17, 25, 26; ``--search-sleb`` searches
 again), SparseGPT 2:4 and Wanda 2:4 (32 × 2048 calibration tokens of WikiText-2 valid, seed 0),
-GPTQ int4 g64 (act-order). Methods: ``ce`` (fine-tuning), ``kd`` (distillation), ``kd+ce`` (both losses,
-equal weights), ``kd+lora`` (distillation into LoRA adapters, merged). Each recovery run trains on ``wikitext2:valid+alpaca`` (windows of
+GPTQ int4 g64 (act-order), and the dense model itself (what training does with nothing to recover).
+Methods: ``ce`` (fine-tuning), ``kd`` (distillation), ``kd+ce`` (both losses, equal weights),
+``kd+lora`` (distillation into LoRA adapters, merged); ``ce+gptq`` and ``kd+lora+gptq`` keep a
+quantized start's trained float weights and quantize them afresh with the start's GPTQ instead of
+rounding them back onto their grids. Each recovery run trains on ``wikitext2:valid+alpaca`` (windows of
 512, batch 4, 16 held-out windows scored every 10 steps, early stopping) with the original
 model as teacher, then measures perplexity on the first 40 windows of WikiText-2 test and,
 with ``--tasks``, PIQA and ARC-Easy accuracy (full sets unless ``--limit``). ``hf-loop`` times
@@ -27,7 +30,7 @@ import torch
 
 from common import RESULTS, run_children, write_result
 
-STARTS = ("sleb6", "sparsegpt24", "wanda24", "gptq4g64")
+STARTS = ("dense", "sleb6", "sparsegpt24", "wanda24", "gptq4g64")  # dense: what training alone does to the teacher
 METHODS = ("none", "ce", "kd", "kd+ce", "kd+lora", "ce+gptq", "kd+lora+gptq")
 RUNS = ["hf-loop"] + [f"{s}:{m}" for s in STARTS for m in METHODS]
 SLEB_6 = [12, 13, 14, 17, 25, 26]
@@ -52,7 +55,9 @@ def start_model(name: str, store: Path, search_sleb: bool, device: str = "cpu"):
         return load_model(str(folder)), json.loads((folder / "start.json").read_text())
     loaded = load_model("smollm2-135m")
     start = time.perf_counter()
-    if name == "sleb6" and not search_sleb:
+    if name == "dense":
+        info = {"how": "the original model"}
+    elif name == "sleb6" and not search_sleb:
         remove_blocks(loaded.adapter, SLEB_6)
         info = {"removed": SLEB_6, "how": "the blocks of block_removal_smollm2_sleb_6"}
     else:
