@@ -199,3 +199,24 @@ def test_sleb_then_wanda_2_4_then_gptq_int4_runs_saves_and_reloads(saved_tiny, t
         assert ((W.view(W.shape[0], -1, 4) == 0).sum(-1) >= 2).all(), name
     sizes = [s["after"]["size_bytes"] for s in summary["steps"]]
     assert set(sizes[2]) == {"quantized"} and sizes[2]["quantized"] < sizes[1]["dense"]
+
+
+def test_a_quantized_model_trained_in_float_is_quantized_afresh(saved_tiny, tmp_path):
+    """The recipe the recovery benchmark recommends for int4: GPTQ, fine-tuning with ``regrid: false``, GPTQ again."""
+    from slimformer.models.quantized import quantized_modules
+
+    path, text = saved_tiny
+    recipe = parse_recipe(f"""
+model: {path}
+calibration: {{source: "text:{text}", nsamples: 4, seqlen: 16}}
+measure: {{ppl_windows: 0, speed: false}}
+steps:
+  - {{method: gptq, bits: 4, group_size: 16}}
+  - {{method: finetune, steps: 2, seqlen: 16, batch_size: 2, heldout: 2, eval_every: 1, data: "text:{text}", regrid: false}}
+  - {{method: gptq, bits: 4, group_size: 16}}
+""")
+    summary = run_recipe(recipe, tmp_path / "out", progress=False)
+    trained = summary["steps"][1]["result"]["summary"]
+    assert "heldout_float" in trained and "heldout_requantized" not in trained
+    assert set(summary["steps"][1]["after"]["size_bytes"]) == {"dense"}  # float between the two quantizations
+    assert len(quantized_modules(load_model(str(tmp_path / "out")).model)) == 3 * 7  # every projection of 3 blocks
