@@ -58,7 +58,7 @@ def decompress_weight(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     return W
 
 
-def _sparse_tensors(items, linear_weights: set[str], min_sparsity: float, counts: dict[str, int]) -> dict[str, torch.Tensor]:
+def _sparse_tensors(items, linear_weights: set[str], min_sparsity: float, counts: dict) -> dict[str, torch.Tensor]:
     """``(name, tensor)`` pairs as stored: each Linear weight at least ``min_sparsity`` zero in bitmask form.
 
     ``counts`` accumulates the zeros, entries and names of the weights compressed.
@@ -71,13 +71,14 @@ def _sparse_tensors(items, linear_weights: set[str], min_sparsity: float, counts
             state.update({f"{name}.{k}": v for k, v in compress_weight(tensor).items()})
             counts["zeros"] += zeros
             counts["total"] += tensor.numel()
-            counts.setdefault("names", []).append(name)
+            counts["names"].append(name)
         else:
             state[name] = tensor
     return state
 
 
 def _new_counts() -> dict:
+    """Empty counts for :func:`_sparse_tensors`."""
     return {"zeros": 0, "total": 0, "names": []}
 
 
@@ -104,13 +105,6 @@ def _unique_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
             seen.add(tensor.data_ptr())
             items.append((name, tensor))
     return items
-
-
-def sparse_state_dict(model: nn.Module, min_sparsity: float = 0.1) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The model's tensors with every Linear weight at least ``min_sparsity`` zero in bitmask form, and their names."""
-    counts = _new_counts()
-    state = _sparse_tensors(_unique_tensors(model), linear_weight_names(model), min_sparsity, counts)
-    return state, counts["names"]
 
 
 def write_sparse(model: nn.Module, folder: Path, structure: str = "unstructured") -> list[str]:
