@@ -433,11 +433,15 @@ def run_recipe(recipe: str | Path | dict | Recipe, out: str | Path, *, model: st
         raise
     summary = _finish(recipe, state, ctx, out, overwrite, dtype)
     if sparse_out is not None:
-        pattern = next((getattr(s, "pattern", None) for s in reversed(recipe.steps) if getattr(s, "pattern", None)), None)
-        save_model(loaded.model, loaded.tokenizer, sparse_out, overwrite=overwrite, sparse=pattern or "unstructured")
+        save_model(loaded.model, loaded.tokenizer, sparse_out, overwrite=overwrite, sparse=_sparse_structure(recipe))
         summary["sparse_out"] = str(sparse_out)
     shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _sparse_structure(recipe: Recipe) -> str:
+    """The sparsity structure a sparse copy records: the last N:M pattern of the recipe, else unstructured."""
+    return next((s.pattern for s in reversed(recipe.steps) if getattr(s, "pattern", None)), "unstructured")
 
 
 def run_streamed(recipe: str | Path | dict | Recipe, out: str | Path, *, max_memory: int, model: str | None = None,
@@ -520,9 +524,8 @@ def run_streamed(recipe: str | Path | dict | Recipe, out: str | Path, *, max_mem
     if sparse_out is not None:
         from slimformer.models.sparse_storage import linear_weight_names, sparsify_checkpoint
 
-        pattern = next((getattr(s, "pattern", None) for s in reversed(recipe.steps) if getattr(s, "pattern", None)), None)
         with atomic_dir(sparse_out, overwrite=overwrite) as tmp:
-            sparsify_checkpoint(out, tmp, linear_weight_names(loaded.model), structure=pattern or "unstructured")
+            sparsify_checkpoint(out, tmp, linear_weight_names(loaded.model), structure=_sparse_structure(recipe))
         summary["sparse_out"] = str(sparse_out)
     write_json(out / "run.json", summary)
     (out / "step.json").unlink(missing_ok=True)
