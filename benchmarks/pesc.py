@@ -5,11 +5,13 @@ Runs (each in its own process; tuned models are kept under ``--store`` for the l
 - ``base``: the model as shipped (no tuning), for reference;
 - ``camel``: the dense model instruction-tuned (``instruct`` step: LoRA r16 on every projection,
   Alpaca 5k in the chat template, loss on responses, constant lr 2e-4 after 3% warm-up);
-- ``camelidae``: PESC upcycling (8 experts, top-2, adapter width 72 = hidden / 8), then the same
-  tuning with the same data, steps and seed, adapters and routers trained in full, balancing
-  loss α = 0.01; ``camelidae-noaux``: the same with α = 0;
+- ``camelidae``: PESC upcycling (8 experts, top-2, adapter width 72 = hidden / 8; routers set from
+  8 × 2048 tokens of WikiText-2 valid), then the same tuning with the same data, steps and seed,
+  adapters and routers trained in full, balancing loss α = 0.01; ``camelidae-noaux``: the same
+  with α = 0; ``camelidae-random`` / ``camelidae-noaux-random``: both with random routers
+  (``router_init: random``);
 - ``qwen2moe``: the same idea in the stock Qwen2-MoE layout (shared expert = the FFN, 8 routed
-  SwiGLU experts of width 72), tuned the same way;
+  SwiGLU experts of width 72), tuned the same way; ``qwen2moe-random`` with random routers;
 - ``speed``: latency of a 512-token forward and greedy decode tokens/s of base, camelidae and
   qwen2moe, measured side by side in one process (medians, models interleaved);
 - ``experts``: expert pruning (frequency, output) and merging of the tuned Camelidae model down
@@ -36,9 +38,12 @@ import torch
 
 from common import RESULTS, run_children, write_result
 
-RUNS = ["base", "camel", "camelidae", "camelidae-noaux", "qwen2moe", "speed", "experts"]
+RUNS = ["base", "camel", "camelidae", "camelidae-noaux", "camelidae-random", "camelidae-noaux-random", "qwen2moe",
+        "qwen2moe-random", "speed", "experts"]
 TUNED = {"camel": None, "camelidae": dict(layout="pesc"), "camelidae-noaux": dict(layout="pesc"),
-         "qwen2moe": dict(layout="qwen2_moe")}
+         "camelidae-random": dict(layout="pesc", router_init="random"),
+         "camelidae-noaux-random": dict(layout="pesc", router_init="random"),
+         "qwen2moe": dict(layout="qwen2_moe"), "qwen2moe-random": dict(layout="qwen2_moe", router_init="random")}
 EXPERTS, TOP_K, WIDTH = 8, 2, 72
 
 
@@ -59,16 +64,17 @@ def _score(loaded, args) -> dict:
 def tune(name: str, args) -> dict:
     """Upcycle (unless Camel), instruction-tune, save under the store, score."""
     from slimformer import load_model, save_model
-    from slimformer.data import instruction_examples, tokenize_instructions
+    from slimformer.data import calibration_samples, instruction_examples, tokenize_instructions
     from slimformer.methods import InstructConfig, UpcycleConfig, apply
 
     loaded = load_model("smollm2-135m")
     out: dict = {"name": name}
     if TUNED[name] is not None:
-        up = apply(loaded.adapter, UpcycleConfig(experts=EXPERTS, top_k=TOP_K, adapter_dim=WIDTH, **TUNED[name]), None)
+        calib = calibration_samples(loaded.tokenizer, "wikitext2:valid", n=8, seqlen=2048, seed=0)  # the router start
+        up = apply(loaded.adapter, UpcycleConfig(experts=EXPERTS, top_k=TOP_K, adapter_dim=WIDTH, **TUNED[name]), calib)
         out["upcycle"] = up.summary
     samples = tokenize_instructions(loaded.tokenizer, instruction_examples("alpaca"))
-    config = InstructConfig(tokens=args.tokens, **({"aux_loss": 0.0} if name == "camelidae-noaux" else {}))
+    config = InstructConfig(tokens=args.tokens, **({"aux_loss": 0.0} if "-noaux" in name else {}))
     result = apply(loaded.adapter, config, samples)
     out.update(seconds=result.seconds, peak_rss_gib=result.peak_rss_gib, config=result.config,
                summary={k: v for k, v in result.summary.items() if k != "history"},
@@ -124,7 +130,7 @@ def experts(args) -> dict:
     methods = {"prune-frequency": lambda k: ExpertPruneConfig(keep=k),
                "prune-output": lambda k: ExpertPruneConfig(keep=k, criterion="output", max_tokens=2048),
                "merge": lambda k: ExpertMergeConfig(keep=k)}
-    out: dict = {"name": "experts", "camelidae": {}, "tiny": {}, "sweep_limit": args.sweep_limit}
+    out: dict = {"name": "experts", "model": "camelidae", "camelidae": {}, "tiny": {}, "sweep_limit": args.sweep_limit}
     folder = Path(args.store).expanduser() / "camelidae"
     if folder.exists():
         loaded = load_model(str(folder))
@@ -229,7 +235,8 @@ def _rows(results: dict[str, dict]) -> list[tuple[str, str]]:
                     f"target ≤ 1.3×) · decode {m['decode_tok_s']:.1f} tokens/s ({m['decode_tok_s'] / base['decode_tok_s']:.2f}×)")
             rows.append((f"speed: {name}", text))
     if r := results.get("experts"):
-        for title, data in [(f"Camelidae self-instruct loss (first {r.get('sweep_limit')} examples)", r["camelidae"]),
+        model = r.get("model", "camelidae")
+        for title, data in [(f"{model} self-instruct loss (first {r.get('sweep_limit')} examples)", r["camelidae"]),
                             *[(f"tiny {f} KL", d) for f, d in r["tiny"].items()]]:
             for keep in sorted(data, key=int, reverse=True):
                 rows.append((f"{title}, {keep} experts", " · ".join(f"{m} {v:.4g}" for m, v in data[keep].items())))

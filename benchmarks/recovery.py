@@ -5,7 +5,7 @@ chose in ``block_removal_smollm2_sleb_6``: 12, 13, 14, 17, 25, 26; ``--search-sl
 again), SparseGPT 2:4 and Wanda 2:4 (32 × 2048 calibration tokens of WikiText-2 valid, seed 0),
 GPTQ int4 g64 (act-order), and the dense model itself (what training does with nothing to recover).
 Methods: ``ce`` (fine-tuning), ``kd`` (distillation), ``kd+ce`` (both losses, equal weights),
-``kd+lora`` (distillation into LoRA adapters, merged); ``ce+gptq`` and ``kd+lora+gptq`` keep a
+``kd+lora`` (distillation into LoRA adapters, merged); ``ce+gptq``, ``kd+gptq`` and ``kd+lora+gptq`` keep a
 quantized start's trained float weights and quantize them afresh with the start's GPTQ instead of
 rounding them back onto their grids. Each recovery run trains on ``wikitext2:valid+alpaca`` (windows of
 512, batch 4, 16 held-out windows scored every 10 steps, early stopping) with the original
@@ -31,7 +31,7 @@ import torch
 from common import RESULTS, run_children, write_result
 
 STARTS = ("dense", "sleb6", "sparsegpt24", "wanda24", "gptq4g64")  # dense: what training alone does to the teacher
-METHODS = ("none", "ce", "kd", "kd+ce", "kd+lora", "ce+gptq", "kd+lora+gptq")
+METHODS = ("none", "ce", "kd", "kd+ce", "kd+lora", "ce+gptq", "kd+gptq", "kd+lora+gptq")
 RUNS = ["hf-loop"] + [f"{s}:{m}" for s in STARTS for m in METHODS]
 SLEB_6 = [12, 13, 14, 17, 25, 26]
 

@@ -163,7 +163,7 @@ def test_instruction_labels_cover_the_response_only():
 def test_instruct_trains_experts_in_full_and_lora_merged():
     model = tiny_model("llama")
     adapter = get_adapter(model)
-    apply(adapter, UpcycleConfig(experts=4, top_k=2, adapter_dim=8), None)
+    apply(adapter, UpcycleConfig(experts=4, top_k=2, adapter_dim=8), random_ids(4, 32))
     assert type(adapter.model).__name__ == "PescForCausalLM"
     samples = tokenize_instructions(tiny_tokenizer(), _examples(400))
     result = apply(adapter, InstructConfig(tokens=6000, seqlen=32, batch_size=4, heldout=8, eval_every=10,
@@ -177,16 +177,62 @@ def test_instruct_trains_experts_in_full_and_lora_merged():
     assert set(s["routing_entropy"]) == set(pesc_layers(adapter.model))
 
 
+def _entropy(chosen: torch.Tensor, n: int) -> float:
+    p = torch.bincount(chosen.reshape(-1), minlength=n).double() / chosen.numel()
+    return float(-(p[p > 0] * p[p > 0].log()).sum())
+
+
+def test_whitened_router_spreads_tokens_that_an_outlier_channel_sends_to_one_expert():
+    from slimformer.methods.pesc import whitened_router
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 64, generator=g, dtype=torch.float64)
+    x[:, 3] = 40 + 4 * x[:, 3]  # an LLM-like outlier channel: large, nearly constant, always positive
+    mean, std = x.mean(0), x.std(0)
+    random = torch.randn(8, 64, generator=g, dtype=torch.float64) * 0.02
+    w = whitened_router(mean, std, 8, 0.02, torch.Generator().manual_seed(1))
+    assert _entropy((x @ random.T).topk(2, -1).indices, 8) < 0.8 * torch.log(torch.tensor(8.0))
+    assert _entropy((x @ w.T).topk(2, -1).indices, 8) > 0.97 * torch.log(torch.tensor(8.0))
+    assert (w @ mean).abs().max() < 1e-9 * (w.norm() * mean.norm())  # no expert gets a constant head start
+    spread = (x @ w.T).std(0)  # every expert's logits spread like an N(0, 0.02²) router's would
+    target = 0.02 * x.pow(2).sum(1).mean().sqrt()
+    torch.testing.assert_close(spread, torch.full_like(spread, float(target)), rtol=0.1, atol=0)
+
+
+def test_data_router_start_keeps_the_dense_function_and_centres_each_router_on_its_inputs():
+    dense = tiny_model("llama")
+    adapter = get_adapter(dense)
+    samples = random_ids(4, 32)
+    with torch.no_grad():
+        expected = dense(samples).logits
+    result = apply(adapter, UpcycleConfig(experts=4, top_k=2, adapter_dim=8), samples)
+    assert result.summary["router_init"] == "data"
+    inputs = {}
+    hooks = [m.router.register_forward_pre_hook(lambda mod, a, n=n: inputs.setdefault(n, a[0].reshape(-1, 32)))
+             for n, m in pesc_layers(adapter.model).items()]
+    with torch.no_grad():
+        assert_close_scaled(adapter.model(samples).logits, expected, 1e-6)
+    for h in hooks:
+        h.remove()
+    for name, mlp in pesc_layers(adapter.model).items():
+        w, mean = mlp.router.weight.double(), inputs[name].double().mean(0)
+        assert (w @ mean).abs().max() < 1e-4 * w.norm() * mean.norm()
+    with pytest.raises(SlimformerError, match="router_init 'data' sets the routers from calibration samples"):
+        apply(get_adapter(tiny_model("llama")), UpcycleConfig(), None)
+    with pytest.raises(SlimformerError, match="router_init must be one of data, random"):
+        UpcycleConfig(router_init="kmeans")
+
+
 def test_instruct_refuses_plain_token_ids():
     with pytest.raises(SlimformerError, match=r"instruct needs instruction data tokenised as \(ids, labels\)"):
         apply(get_adapter(tiny_model("llama")), InstructConfig(tokens=100), random_ids(1, 400))
 
 
 def test_upcycle_command_writes_a_loadable_model(saved_tiny, tmp_path, capsys):
-    path, _ = saved_tiny
+    path, text = saved_tiny
     out = tmp_path / "pesc"
     code = main(["upcycle", str(path), "--experts", "4", "--top-k", "2", "--adapter-dim", "8", "--ppl-windows", "0",
-                 "--export-remote-code", "--out", str(out)])
+                 "--calib", str(text), "--nsamples", "2", "--calib-seqlen", "64", "--export-remote-code", "--out", str(out)])
     assert code == 0
     assert (out / "modeling_pesc.py").is_file()
     loaded = load_model(str(out))
@@ -263,7 +309,7 @@ def test_qwen2_moe_layout_is_exact_and_stock(family, tmp_path):
     ids = random_ids(2, 16)
     with torch.no_grad():
         expected = dense(ids).logits
-    result = apply(adapter, UpcycleConfig(layout="qwen2_moe", experts=4, top_k=2, adapter_dim=8), None)
+    result = apply(adapter, UpcycleConfig(layout="qwen2_moe", experts=4, top_k=2, adapter_dim=8), random_ids(4, 16))
     model = adapter.model
     assert type(model) is Qwen2MoeForCausalLM and adapter.family.name == "qwen2_moe"
     with torch.no_grad():
@@ -279,7 +325,7 @@ def test_qwen2_moe_layout_is_exact_and_stock(family, tmp_path):
 def test_qwen2_moe_layout_tunes_its_experts_and_shared_expert():
     model = tiny_model("llama")
     adapter = get_adapter(model)
-    apply(adapter, UpcycleConfig(layout="qwen2_moe", experts=4, top_k=2, adapter_dim=8), None)
+    apply(adapter, UpcycleConfig(layout="qwen2_moe", experts=4, top_k=2, adapter_dim=8), random_ids(4, 32))
     shared_before = adapter.model.model.layers[0].mlp.shared_expert.up_proj.weight.clone()
     samples = tokenize_instructions(tiny_tokenizer(), _examples(400))
     s = apply(adapter, InstructConfig(tokens=6000, seqlen=32, batch_size=4, heldout=8, eval_every=10, lr=1e-2,
@@ -293,7 +339,7 @@ def test_qwen2_moe_layout_tunes_its_experts_and_shared_expert():
 
 def test_qwen2_moe_layout_refuses_other_blocks():
     with pytest.raises(SlimformerError, match="the Qwen2-MoE layout reproduces llama, mistral, qwen2 blocks exactly"):
-        apply(get_adapter(tiny_model("gemma")), UpcycleConfig(layout="qwen2_moe"), None)
+        apply(get_adapter(tiny_model("gemma")), UpcycleConfig(layout="qwen2_moe"), random_ids(2, 16))
 
 
 def test_instruction_loss_is_the_mean_response_token_loss(tmp_path):
@@ -329,7 +375,7 @@ def test_instruct_over_a_quantized_base_keeps_it_quantized_and_upcycling_it_is_r
                                       patience=0), samples).summary
     assert is_quantized(adapter.model) and s["heldout_requantized"] < s["heldout_before"] - 0.3
     with pytest.raises(SlimformerError, match="upcycle before quantizing"):
-        apply(adapter, UpcycleConfig(), None)
+        apply(adapter, UpcycleConfig(), random_ids(2, 16))
 
 
 def test_upcycle_command_writes_a_stock_qwen2_moe(saved_tiny, tmp_path):
@@ -338,6 +384,6 @@ def test_upcycle_command_writes_a_stock_qwen2_moe(saved_tiny, tmp_path):
     path, _ = saved_tiny
     out = tmp_path / "q"
     assert main(["upcycle", str(path), "--layout", "qwen2_moe", "--experts", "4", "--adapter-dim", "8",
-                 "--ppl-windows", "0", "--out", str(out)]) == 0
+                 "--ppl-windows", "0", "--router-init", "random", "--out", str(out)]) == 0
     model = AutoModelForCausalLM.from_pretrained(out)  # stock transformers, no remote code
     assert type(model).__name__ == "Qwen2MoeForCausalLM" and model.config.num_experts == 4

@@ -290,6 +290,12 @@ def add_upcycle_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--layers", type=int, nargs="*", default=None, help="block indices to upcycle (default: all)")
     p.add_argument("--aux-loss", type=float, default=0.01, help="weight of the load-balancing loss in training")
     p.add_argument("--z-loss", type=float, default=0.0, help="weight of the router z-loss in training")
+    p.add_argument("--router-init", default="data", choices=["data", "random"],
+                   help="data: routers set from the calibration inputs so tokens spread evenly over the experts; "
+                        "random: N(0, initializer_range²), no calibration read")
+    p.add_argument("--calib", default="wikitext2:valid", help=f"calibration source of the router start: {SOURCES_HELP}")
+    p.add_argument("--nsamples", type=int, default=8, help="calibration windows of the router start")
+    p.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window of the router start")
     p.add_argument("--instruct-tokens", type=token_count, default=0,
                    help="instruction-tune for this many tokens after upcycling (0: upcycle only)")
     p.add_argument("--data", default="alpaca", help="instruction data: alpaca[:PATH], self-instruct[:PATH]")

@@ -111,12 +111,16 @@ def _sparsity_table(layers: dict):
     return table
 
 
-def _one_step_recipe(args: argparse.Namespace, *steps, speed: bool, calib: bool = True):
-    """The recipe a compressing verb runs: its method (and recovery) on the flags' calibration and measurement."""
+def _one_step_recipe(args: argparse.Namespace, *steps, speed: bool, calib: bool = True, calibration=None):
+    """The recipe a compressing verb runs: its method (and recovery) on the flags' calibration and measurement.
+
+    ``calibration`` replaces the one the flags describe (for a verb whose ``--seqlen`` means something else).
+    """
     from slimformer.recipes import Calibration, Measure, Recipe
 
-    return Recipe(steps=steps, model=args.model, seed=args.seed, bos=args.bos,
-                  calibration=Calibration(args.calib, args.nsamples, args.seqlen) if calib else Calibration(),
+    if calibration is None:
+        calibration = Calibration(args.calib, args.nsamples, args.seqlen) if calib else Calibration()
+    return Recipe(steps=steps, model=args.model, seed=args.seed, bos=args.bos, calibration=calibration,
                   measure=Measure(ppl_windows=args.ppl_windows, speed=speed))
 
 
@@ -200,11 +204,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_one_step(args: argparse.Namespace, config, *more, calib: bool = True):
+def _run_one_step(args: argparse.Namespace, config, *more, calib: bool = True, calibration=None):
     """Run ``config`` (and ``more`` steps) as a recipe into ``args.out``: (summary, first step's result, its summary, console)."""
     from rich.console import Console
 
-    summary = _run(args, _one_step_recipe(args, config, *more, speed=False, calib=calib))
+    summary = _run(args, _one_step_recipe(args, config, *more, speed=False, calib=calib, calibration=calibration))
     result = summary["steps"][0]["result"]
     return summary, result, result["summary"], Console()
 
@@ -257,13 +261,17 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     from slimformer.models.moe import export_remote_code
 
     config = UpcycleConfig(layout=args.layout, experts=args.experts, top_k=args.top_k, adapter_dim=args.adapter_dim,
-                           layers=args.layers, aux_loss=args.aux_loss, z_loss=args.z_loss, seed=args.seed)
+                           layers=args.layers, aux_loss=args.aux_loss, z_loss=args.z_loss, seed=args.seed,
+                           router_init=args.router_init, device=args.device)
     tune = (InstructConfig(data=args.data, tokens=args.instruct_tokens, lora_rank=args.lora_rank, lr=args.lr,
                            seqlen=args.seqlen, batch_size=args.batch_size, seed=args.seed, device=args.device),) \
         if args.instruct_tokens else ()
     if tune:
         instruction_examples(args.data)  # missing instruction data fails before any model loads
-    summary, result, found, console = _run_one_step(args, config, *tune, calib=False)
+    from slimformer.recipes import Calibration
+
+    calibration = Calibration(args.calib, args.nsamples, args.calib_seqlen)  # read only by the data-aware router start
+    summary, result, found, console = _run_one_step(args, config, *tune, calibration=calibration)
     console.print(f"pesc ({found['layout']}): {found['upcycled_blocks']} blocks × {found['experts']} experts "
                   f"(top-{found['top_k']}, width {found['adapter_dim']}): {found['params']:,} parameters, "
                   f"{found['activated_params']:,} activated per token (dense {found['dense_params']:,})")

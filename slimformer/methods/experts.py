@@ -35,8 +35,8 @@ from slimformer.calibration import BlockRunner
 from slimformer.errors import SlimformerError
 from slimformer.methods.base import CalibratedFields, MethodResult, config_dict, register
 from slimformer.models.adapters import Adapter
-from slimformer.models.moe import (expert_outputs, keep_experts, merge_experts, moe_modules, router_weight, routing,
-                                   set_expert_count, top_k_of)
+from slimformer.models.moe import (expert_outputs, keep_experts, merge_experts, moe_modules, moe_modules_within,
+                                   router_weight, routing, set_expert_count, top_k_of)
 
 CRITERIA = ("frequency", "output")
 
@@ -155,8 +155,7 @@ class _ExpertVisitor:
 
     def targets(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
         """The MoE blocks inside transformer block ``index``."""
-        mine = {id(m) for m in block.modules()}
-        return {name: m for name, m in self.blocks.items() if id(m) in mine}
+        return moe_modules_within(self.blocks, block)
 
     def observe(self, name: str, module: nn.Module, inputs: torch.Tensor, batch: int) -> None:
         """Keep the block's inputs, flattened to tokens."""

@@ -33,7 +33,8 @@ REMOTE_CODE_FILE = "modeling_pesc.py"
 GATED = ("gate_proj", "up_proj", "down_proj", "act_fn")
 
 __all__ = ["MODEL_TYPE", "PescConfig", "PescForCausalLM", "PescMLP", "expert_outputs", "expert_weights", "export_remote_code", "is_pesc", "RouterTap",
-           "keep_experts", "merge_experts", "moe_modules", "parameter_counts", "pesc_layers", "router_losses", "router_weight", "routing",
+           "keep_experts", "merge_experts", "moe_modules", "moe_modules_within", "parameter_counts", "pesc_layers",
+           "router_losses", "router_weight", "routing",
            "routing_shares", "set_expert_count", "top_k_of", "upcycle", "upcycle_qwen2_moe"]
 
 
@@ -254,6 +255,12 @@ def moe_modules(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The sparse mixture-of-experts blocks of a model by name: PESC FFNs and stock MoE blocks."""
     return {n: m for n, m in model.named_modules()
             if isinstance(m, PescMLP) or (hasattr(m, "gate") and hasattr(getattr(m, "experts", None), "gate_up_proj"))}
+
+
+def moe_modules_within(blocks: dict[str, torch.nn.Module], block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Those of ``blocks`` (by name, from :func:`moe_modules`) that are inside the transformer ``block``."""
+    mine = {id(m) for m in block.modules()}
+    return {name: m for name, m in blocks.items() if id(m) in mine}
 
 
 def router_weight(block: torch.nn.Module) -> torch.nn.Parameter:
