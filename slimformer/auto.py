@@ -43,7 +43,8 @@ from slimformer.data import load_text, tokenize
 from slimformer.errors import SlimformerError
 from slimformer.evaluation import DecodeCost, measure_costs, size_on_disk
 from slimformer.files import write_json, write_text
-from slimformer.methods import AWQConfig, DistillConfig, GPTQConfig, RTNConfig, SLEBConfig, WandaConfig, config_dict
+from slimformer.methods import (AWQConfig, DistillConfig, GPTQConfig, RTNConfig, SLEBConfig, WandaConfig, WidthConfig,
+                                config_dict)
 from slimformer.models import LoadedModel, load_model, save_model
 from slimformer.models.adapters import get_adapter, weight_shape
 from slimformer.recipes import Calibration, Measure, Recipe, apply_steps, run_recipe
@@ -130,11 +131,14 @@ def describe_point(point: dict) -> str:
 def describe_params(params: dict) -> str:
     """A candidate's recipe in a few words."""
     parts = []
+    removed = params.get("blocks") or params.get("width", 1.0) < 1 or params.get("sparsity", "none") != "none"
     if params.get("blocks"):
         parts.append(f"{params['blocks']} blocks removed")
+    if params.get("width", 1.0) < 1:
+        parts.append(f"FFN width cut to {params['width']:.0%} of the parameters")
     if params.get("sparsity", "none") != "none":
         parts.append(f"Wanda {params['sparsity']}")
-    if params.get("recovery") and (params.get("blocks") or params.get("sparsity", "none") != "none"):
+    if params.get("recovery") and removed:
         parts.append("distilled")
     if params.get("bits"):
         group = "" if params["bits"] == 8 or params.get("group", -1) == -1 else f" g{params['group']}"
@@ -148,7 +152,9 @@ class AutoSpace:
     """The recipes :func:`auto` searches, one optuna parameter per family.
 
     ``blocks``: 0 to ``max_block_ratio`` of the blocks removed by block influence (ShortGPT's
-    criterion: one calibration pass, no loss-verified search); ``sparsity``: Wanda at a ratio or
+    criterion: one calibration pass, no loss-verified search); ``width``: the fraction of the
+    parameters kept by cutting the least important FFN units (the ``width`` step; unit counts in
+    multiples of ``width_align``, so every group size offered still divides every width); ``sparsity``: Wanda at a ratio or
     N:M pattern; ``bits`` (0: float) with ``group`` columns per scale for fewer than 8 bits (the
     sizes that divide every projection's input width) by ``quantizer``; ``head``: the head (and a
     tied embedding) quantized to that many bits with the body; ``recovery``: distillation from
@@ -158,6 +164,8 @@ class AutoSpace:
     """
 
     max_block_ratio: float = 0.2
+    width: tuple[float, ...] = (1.0, 0.9, 0.8)
+    width_align: int = 128
     sparsity: tuple[str, ...] = ("none", "2:4", "0.5")
     bits: tuple[int, ...] = (0, 8, 4)
     groups: tuple[int, ...] = (-1, 128, 64, 32)
@@ -171,6 +179,7 @@ class AutoSpace:
         groups = [g for g in self.groups if g == -1 or all(w % g == 0 for w in widths)]
         return {
             "blocks": IntDistribution(0, int(self.max_block_ratio * len(adapter.blocks))),
+            "width": CategoricalDistribution(list(self.width)),
             "sparsity": CategoricalDistribution(list(self.sparsity)),
             "bits": CategoricalDistribution(list(self.bits)),
             "group": CategoricalDistribution(groups),
@@ -179,12 +188,13 @@ class AutoSpace:
             "recovery": CategoricalDistribution(list(self.recovery)),
         }
 
-    @staticmethod
-    def steps(params: dict, recovery_tokens: int, recovery_seqlen: int = 512) -> tuple:
-        """The recipe steps of a candidate, in order: blocks, sparsity, recovery, quantization."""
+    def steps(self, params: dict, recovery_tokens: int, recovery_seqlen: int = 512) -> tuple:
+        """The recipe steps of a candidate, in order: blocks, width, sparsity, recovery, quantization."""
         steps: list = []
         if params.get("blocks"):
             steps.append(SLEBConfig(blocks=params["blocks"], criterion="influence"))
+        if params.get("width", 1.0) < 1:
+            steps.append(WidthConfig(keep=params["width"], heads=False, align=self.width_align))
         sparsity = params.get("sparsity", "none")
         if sparsity != "none":
             steps.append(WandaConfig(pattern=sparsity) if ":" in sparsity else WandaConfig(sparsity=float(sparsity)))

@@ -12,7 +12,8 @@ from conftest import tiny_model, tiny_tokenizer
 from slimformer import SlimformerError, get_adapter, load_model
 from slimformer.cli import main
 from slimformer.methods import (AWQConfig, DistillConfig, ExpertMergeConfig, ExpertPruneConfig, FinetuneConfig, GPTQConfig, InstructConfig, LoRAConfig,
-                                MagnitudeConfig, RTNConfig, SLEBConfig, SparseGPTConfig, UpcycleConfig, WandaConfig, apply)
+                                MagnitudeConfig, RTNConfig, SLEBConfig, SparseGPTConfig, UpcycleConfig, WandaConfig, WidthConfig,
+                                apply)
 from slimformer.models import LoadedModel
 from slimformer.recipes import STEPS, EvalConfig, Recipe, load_recipe, parse_recipe, run_recipe
 
@@ -31,6 +32,7 @@ EXAMPLES = {
     "instruct": InstructConfig(data="self-instruct", tokens=5000, lora_rank=8, aux_loss=0.0, schedule="cosine"),
     "expert-prune": ExpertPruneConfig(keep=4, criterion="output", max_tokens=512, propagate="dense"),
     "expert-merge": ExpertMergeConfig(ratio=0.25),
+    "width": WidthConfig(keep=0.7, heads=False, align=16, importance_batches=2),
     "eval": EvalConfig(ppl="wikitext2:valid", windows=3, tasks=("piqa", "boolq"), limit=5),
 }
 

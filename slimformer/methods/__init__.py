@@ -7,6 +7,7 @@ from slimformer.methods.pesc import InstructConfig, UpcycleConfig
 from slimformer.methods.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from slimformer.methods.quantization import AWQConfig, GPTQConfig, RTNConfig
 from slimformer.methods.recovery import DistillConfig, FinetuneConfig, LoRAConfig
+from slimformer.methods.width import WidthConfig
 
 __all__ = [
     "AWQConfig",
@@ -25,6 +26,7 @@ __all__ = [
     "SparseGPTConfig",
     "UpcycleConfig",
     "WandaConfig",
+    "WidthConfig",
     "apply",
     "config_dict",
     "select_linears",

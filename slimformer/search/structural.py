@@ -73,27 +73,39 @@ class SearchConfig:
             raise SlimformerError(f"supernet_init must be 'reference' or 'pretrained', not '{self.supernet_init}'")
 
 
-def importance_prune(space: SearchSpace, target: float) -> Subnet:
+def importance_prune(space: SearchSpace, target: float, *, heads: bool = True, align: int = 1) -> Subnet:
     """Plain importance pruning: one global threshold on the normalised head and unit scores, sized to ``target``.
 
     ``target`` is the fraction of the model's parameters to keep; the threshold is found by
-    bisection. Every block keeps at least its best head group and its best unit.
+    bisection. Every block keeps at least its best head group and its best unit. ``heads=False``
+    keeps every head (FFN units only); ``align`` rounds each block's unit count to a multiple of
+    it (the most important ones kept), so quantization groups and kernels still fit the widths.
     """
     adapter, imp = space.adapter, normalised(space.importance)
     total = count_params(adapter)
+    every_head = list(range(space.heads))
+
+    def units_at(b: int, t: float) -> list[int]:
+        count = int((imp.units[b] >= t).sum())
+        if align > 1:
+            count = min(space.units, max(align, align * round(count / align)))
+        return sorted(imp.units[b].topk(max(count, 1)).indices.tolist())
 
     def subnet_at(t: float) -> Subnet:
-        heads, units = [], []
+        kept_heads, units = [], []
         for b in range(space.blocks):
-            groups = imp.heads[b].view(space.groups, space.group_size)
-            per_group = max(1, int((groups >= t).sum(1).min()))  # a KV group keeps as many heads as the others
-            top = groups.topk(per_group, dim=1).indices + torch.arange(space.groups)[:, None] * space.group_size
-            heads.append(sorted(top.flatten().tolist()))
-            kept = [int(u) for u in torch.nonzero(imp.units[b] >= t).flatten()]
-            units.append(kept or [int(imp.units[b].argmax())])
-        return Subnet(heads, units)
+            if heads:
+                groups = imp.heads[b].view(space.groups, space.group_size)
+                per_group = max(1, int((groups >= t).sum(1).min()))  # a KV group keeps as many heads as the others
+                top = groups.topk(per_group, dim=1).indices + torch.arange(space.groups)[:, None] * space.group_size
+                kept_heads.append(sorted(top.flatten().tolist()))
+            else:
+                kept_heads.append(every_head)
+            units.append(units_at(b, t))
+        return Subnet(kept_heads, units)
 
-    lo, hi = 0.0, max(max(float(h.max()) for h in imp.heads), max(float(u.max()) for u in imp.units)) + 1e-6
+    top = max(float(u.max()) for u in imp.units)
+    lo, hi = 0.0, (max(top, max(float(h.max()) for h in imp.heads)) if heads else top) + 1e-6
     for _ in range(50):
         mid = (lo + hi) / 2
         if count_params(adapter, subnet_at(mid)) / total > target:
