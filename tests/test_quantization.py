@@ -142,6 +142,24 @@ def test_act_order_with_static_groups_is_the_unpermuted_math_in_another_order():
     assert torch.equal(result.quantized.scale, scale) and torch.equal(result.weight, result.quantized.dequantize())
 
 
+def test_inverse_hessian_factor_is_the_upper_factor_of_the_damped_inverse_and_leaves_h_alone():
+    from slimformer.methods.obs import inverse_hessian_factor
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 24, generator=g, dtype=torch.float64)
+    X[:, 5] = 0  # a dead input
+    H = (2 * X.T @ X / 64).float()
+    before = H.clone()
+    dead = torch.diagonal(H) == 0
+    perm = torch.randperm(24, generator=g)
+    U = inverse_hessian_factor(H, 0.01, dead=dead, perm=perm).double()
+    assert torch.equal(H, before) and torch.equal(U, U.triu())
+    expected = H.double()[perm][:, perm]
+    expected.diagonal()[dead[perm]] = 1
+    expected.diagonal().add_(0.01 * expected.diagonal().mean())
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(expected), rtol=1e-4, atol=1e-4)
+
+
 def test_gptq_beats_round_to_nearest_on_the_layer_output():
     W = torch.randn(12, 32, generator=gen(5))
     X = torch.randn(256, 6, generator=gen(6)) @ torch.randn(6, 32, generator=gen(7)) + 0.1 * torch.randn(256, 32, generator=gen(8))

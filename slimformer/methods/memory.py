@@ -73,7 +73,8 @@ def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[
     largest = max(w[0] * w[1] for w in widths)  # elements of the largest weight matrix
     if isinstance(config, (GPTQConfig, SparseGPTConfig)) or getattr(config, "then", None) == "gptq":
         distinct = sorted({w[1] for w in widths})  # one Hessian per distinct input width kept for the block
-        terms["method"] = sum(w * w * 4 for w in distinct) + 2 * inner * inner * 4 + 3 * largest * 4
+        # plus the one working copy of the largest (obs.inverse_hessian_factor factors in place)
+        terms["method"] = sum(w * w * 4 for w in distinct) + inner * inner * 4 + 3 * largest * 4
     if isinstance(config, AWQConfig):
         terms["method"] += 4 * config.max_rows * inner * 4 + 2 * largest * config.clip_rows * 4 // 32
     if isinstance(config, (GPTQConfig, AWQConfig, RTNConfig)) or getattr(config, "bits", None):

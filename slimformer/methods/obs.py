@@ -30,31 +30,31 @@ class ObsResult:
     quantized: QuantizedWeight | None = None
 
 
-def _cholesky(A: torch.Tensor, upper: bool = False) -> torch.Tensor:
-    factor, info = torch.linalg.cholesky_ex(A, upper=upper)
+def _cholesky_(A: torch.Tensor, upper: bool = False) -> None:
+    """Replace ``A`` by its Cholesky factor, in place (LAPACK factors in place: no second matrix)."""
+    info = torch.empty((), dtype=torch.int32, device=A.device)
+    torch.linalg.cholesky_ex(A, upper=upper, out=(A, info))
     if info.item() != 0:
         raise ValueError("the Hessian is not positive definite; more calibration samples or a larger percdamp help")
-    return factor
 
 
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float, *, dead: torch.Tensor | None = None,
                            perm: torch.Tensor | None = None) -> torch.Tensor:
     """The upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = percdamp · mean diag(H)``; ``H`` is not modified.
 
-    ``dead`` inputs get a diagonal of 1 first, and ``perm`` reorders rows and columns. The
-    function's own copy of ``H`` is the only one it keeps (each factor replaces it), so a
-    ``w × w`` Hessian costs about three such matrices at the peak, not five.
+    ``dead`` inputs get a diagonal of 1 first, and ``perm`` reorders rows and columns. One copy
+    of ``H`` is made and every step then works in it (factor, inverse from the factor, factor of
+    the inverse), so a ``w × w`` Hessian costs two such matrices at the peak, the caller's and
+    this one: 0.7 GiB less at a 13B model's intermediate width than the three steps' own outputs.
     """
+    H = H[perm[:, None], perm] if perm is not None else H.clone()  # one indexing, one copy
     if dead is not None and dead.any():
-        H = H.clone()
-        H[dead, dead] = 1
-        H = H[perm][:, perm] if perm is not None else H
-    else:
-        H = H[perm][:, perm] if perm is not None else H.clone()
+        H.diagonal()[dead[perm] if perm is not None else dead] = 1  # their rows and columns are zero already
     H.diagonal().add_(percdamp * torch.diagonal(H).mean())
-    H = _cholesky(H)
-    H = torch.cholesky_inverse(H)
-    return _cholesky(H, upper=True)
+    _cholesky_(H)
+    torch.cholesky_inverse(H, out=H)
+    _cholesky_(H, upper=True)
+    return H
 
 
 def _params(w: torch.Tensor, scheme: QuantScheme, mse: bool) -> tuple[torch.Tensor, torch.Tensor]:
