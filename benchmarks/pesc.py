@@ -12,6 +12,8 @@ Runs (each in its own process; tuned models are kept under ``--store`` for the l
   (``router_init: random``);
 - ``qwen2moe``: the same idea in the stock Qwen2-MoE layout (shared expert = the FFN, 8 routed
   SwiGLU experts of width 72), tuned the same way; ``qwen2moe-random`` with random routers;
+- ``router-start``: routing entropy per block of the untrained upcycled model on held-out Alpaca
+  windows, routers random and set from data;
 - ``speed``: latency of a 512-token forward and greedy decode tokens/s of base, camelidae and
   qwen2moe, measured side by side in one process (medians, models interleaved);
 - ``experts``: expert pruning (frequency, output) and merging of the tuned Camelidae model down
@@ -38,8 +40,8 @@ import torch
 
 from common import RESULTS, run_children, write_result
 
-RUNS = ["base", "camel", "camelidae", "camelidae-noaux", "camelidae-random", "camelidae-noaux-random", "qwen2moe",
-        "qwen2moe-random", "speed", "experts"]
+RUNS = ["base", "router-start", "camel", "camelidae", "camelidae-noaux", "camelidae-random", "camelidae-noaux-random",
+        "qwen2moe", "qwen2moe-random", "speed", "experts"]
 TUNED = {"camel": None, "camelidae": dict(layout="pesc"), "camelidae-noaux": dict(layout="pesc"),
          "camelidae-random": dict(layout="pesc", router_init="random"),
          "camelidae-noaux-random": dict(layout="pesc", router_init="random"),
@@ -81,6 +83,25 @@ def tune(name: str, args) -> dict:
                history=result.summary["history"])
     save_model(loaded.model, loaded.tokenizer, Path(args.store).expanduser() / name, overwrite=True)
     out.update(_score(loaded, args))
+    return out
+
+
+def router_start() -> dict:
+    """Routing entropy per block of the untrained upcycled model, routers random or set from data, on held-out Alpaca windows."""
+    from slimformer import load_model
+    from slimformer.data import calibration_samples, instruction_examples, tokenize_instructions
+    from slimformer.methods import InstructConfig, UpcycleConfig, apply
+    from slimformer.methods.pesc import heldout_routing, routing_entropy
+    from slimformer.methods.training import split_windows
+
+    out: dict = {"name": "router-start"}
+    for init in ("random", "data"):
+        loaded = load_model("smollm2-135m")
+        samples = tokenize_instructions(loaded.tokenizer, instruction_examples("alpaca"))
+        windows = split_windows(samples, InstructConfig(tokens=30000))[1][:, 0]  # the tuning runs' held-out windows
+        calib = calibration_samples(loaded.tokenizer, "wikitext2:valid", n=8, seqlen=2048, seed=0)
+        apply(loaded.adapter, UpcycleConfig(experts=EXPERTS, top_k=TOP_K, adapter_dim=WIDTH, router_init=init), calib)
+        out[init] = list(routing_entropy(heldout_routing(loaded.adapter, windows)).values())
     return out
 
 
@@ -171,6 +192,8 @@ def one_run(name: str, args) -> dict:
         return {"name": "base", **_score(load_model("smollm2-135m"), args)}
     if name == "speed":
         return speed(args)
+    if name == "router-start":
+        return router_start()
     if name == "experts":
         return experts(args)
     return tune(name, args)
@@ -228,6 +251,12 @@ def _rows(results: dict[str, dict]) -> list[tuple[str, str]]:
                          f"target ≥ {0.9 * math.log(8):.3f}), balancing loss {s['balancing_loss_first']:.3f} → "
                          f"{s['balancing_loss_last']:.3f}")
         rows.append((name, text))
+    if r := results.get("router-start"):
+        for init in ("random", "data"):
+            ent = r[init]
+            below = sum(e < 0.9 * math.log(EXPERTS) for e in ent)
+            rows.append((f"router start: {init}", f"routing entropy per block before training {min(ent):.3f}–{max(ent):.3f}"
+                                                  f" ({below} of {len(ent)} blocks below 0.9 · ln 8)"))
     if r := results.get("speed"):
         base = r["models"]["base"]
         for name, m in r["models"].items():
