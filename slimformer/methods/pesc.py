@@ -50,7 +50,7 @@ class UpcycleConfig(CalibratedFields):
     step; ``random`` draws it from N(0, initializer_range²) and needs no samples. The paper does
     not say how its routers start (its code keeps a Linear's default init); a random router on
     an LLM's hidden states, whose few outlier channels dominate every dot product, sends most
-    tokens to the same experts: on SmolLM2 14 of 30 blocks start below 0.9·ln 8 of routing
+    tokens to the same experts: on SmolLM2 15 of 30 blocks start below 0.9·ln 8 of routing
     entropy, and 15 steps with the balancing loss leave 2 there.
     YAML: ``{method: pesc, experts: 8, top_k: 2, adapter_dim: 72}``
     """
