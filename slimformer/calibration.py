@@ -13,8 +13,9 @@ with ``n`` samples of ``s`` tokens, hidden size ``h``, intermediate size ``i`` a
 
 (``3·n·s·h·4`` in the sequential mode, which also keeps the attention's outputs.)
 
-(``M_method``: a Wanda norm vector; GPTQ/SparseGPT one ``w × w`` Hessian per distinct input width
-plus one working copy of the largest). For a 70B Llama block (h 8192, i 28672) and 16 × 2048
+(``M_method``: a Wanda norm vector; GPTQ/SparseGPT the float32 ``w × w`` Hessian of the input
+being compressed, in which its inverse factor is made, and of the one before it; each goes as soon
+as the last projection it feeds is compressed). For a 70B Llama block (h 8192, i 28672) and 16 × 2048
 samples that is 3.4 GiB of float32 weights + 2 GiB of hidden states + 1.1 GiB for one sample in
 flight. With a streamed model (:mod:`slimformer.models.streaming`) ``W_block`` is the only weight
 term: the other blocks stay on disk; otherwise ``transformers`` memory-maps them from safetensors.

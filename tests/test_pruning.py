@@ -122,11 +122,42 @@ def test_projections_fed_the_same_input_share_one_statistic(propagate):
     adapter = get_adapter(tiny_model("llama"))
     config = SparseGPTConfig(0.5, propagate=propagate)
     visitor = prune_visitor(adapter, select_linears(adapter), config)
+    seen, compress = {}, visitor.compress_fn
+
+    def record(name, module, stats):
+        if name.startswith("model.layers.2."):
+            seen[name.rsplit(".", 1)[-1]] = (stats, stats.sequences, stats.last_use)  # held: ids are not reused
+        compress(name, module, stats)
+
+    visitor.compress_fn = record
     BlockRunner(adapter, random_ids(3, 16), progress=False).run(visitor, propagate=propagate)
-    stats = {name.rsplit(".", 1)[-1]: id(stat) for name, stat in visitor.stats.items()}  # the last block's
-    assert stats["q_proj"] == stats["k_proj"] == stats["v_proj"] and stats["gate_proj"] == stats["up_proj"]
-    assert len(set(stats.values())) == 4  # q/k/v, o, gate/up, down
-    assert visitor.stats["model.layers.2.self_attn.q_proj"].sequences == 3  # every sample counted once
+    ids = {k: id(v[0]) for k, v in seen.items()}
+    assert ids["q_proj"] == ids["k_proj"] == ids["v_proj"] and ids["gate_proj"] == ids["up_proj"]
+    assert len(set(ids.values())) == 4  # q/k/v, o, gate/up, down
+    assert all(v[1] == 3 for v in seen.values())  # every sample counted once
+    last = {k for k, v in seen.items() if v[2]}
+    # only the last module fed an input may work in its Hessian, and only once no later module can share it
+    assert not last & {"q_proj", "k_proj", "gate_proj"} and "down_proj" in last
+    if propagate == "compressed":  # everything observed before anything is compressed
+        assert last == {"v_proj", "o_proj", "up_proj", "down_proj"}
+    assert not visitor.stats  # each statistic let go once its modules were compressed
+
+
+def test_full_hessian_mirrors_in_place_and_can_be_taken_once():
+    from slimformer.methods.statistics import InputStats, _mirror_upper_, add_upper_gram
+
+    x = torch.randn(40, 2500)
+    H = torch.zeros(2500, 2500)
+    add_upper_gram(H, x)
+    expected = H.triu() + H.triu(1).T
+    stats = InputStats(hessian=H, sequences=2)
+    full = stats.full_hessian(take=True)
+    assert full.data_ptr() == H.data_ptr() and torch.equal(full, expected * (2.0 / 2))
+    with pytest.raises(SlimformerError, match="already taken"):
+        stats.full_hessian()
+    A = torch.randn(7, 7).triu()
+    _mirror_upper_(A, band=3)
+    assert torch.equal(A, A.T)
 
 
 @pytest.mark.parametrize("width", [24, 1100])

@@ -160,6 +160,28 @@ def test_inverse_hessian_factor_is_the_upper_factor_of_the_damped_inverse_and_le
     torch.testing.assert_close(U.T @ U, torch.linalg.inv(expected), rtol=1e-4, atol=1e-4)
 
 
+def test_inverse_hessian_factor_in_place_is_the_same_factor_made_in_h():
+    from slimformer.methods.obs import inverse_hessian_factor, obs_compress
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(80, 40, generator=g)
+    X[:, 3] = 0
+    H = 2 * X.T @ X / 80
+    dead = torch.diagonal(H) == 0
+    for perm in (None, torch.randperm(40, generator=g)):
+        copied = inverse_hessian_factor(H, 0.01, dead=dead, perm=perm)
+        mine = H.clone()
+        factor = inverse_hessian_factor(mine, 0.01, dead=dead, perm=perm, in_place=True)
+        assert factor.data_ptr() == mine.data_ptr() and torch.equal(factor, copied)
+    # a GPTQ given its Hessian to keep gives the weights it gives when it copies it
+    W = torch.randn(16, 40, generator=g)
+    scheme = QuantScheme(4, 8)
+    for act_order in (False, True):
+        kept = obs_compress(W, H, scheme=scheme, act_order=act_order)
+        given = obs_compress(W, H.clone(), scheme=scheme, act_order=act_order, own_hessian=True)
+        assert torch.equal(kept.weight, given.weight) and torch.equal(kept.quantized.codes, given.quantized.codes)
+
+
 def test_gptq_beats_round_to_nearest_on_the_layer_output():
     W = torch.randn(12, 32, generator=gen(5))
     X = torch.randn(256, 6, generator=gen(6)) @ torch.randn(6, 32, generator=gen(7)) + 0.1 * torch.randn(256, 32, generator=gen(8))

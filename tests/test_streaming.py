@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import VOCAB, random_ids, tiny_model, tiny_tokenizer
+from slimformer import get_adapter
 from slimformer.errors import SlimformerError
 from slimformer.methods import (AWQConfig, GPTQConfig, MagnitudeConfig, RTNConfig, SLEBConfig, SparseGPTConfig,
                                 WandaConfig, apply)
@@ -285,3 +286,16 @@ def test_streamed_sparse_out_is_a_sharded_bitmask_copy_of_the_output(source, tmp
         run_streamed({**recipe, "steps": [{"method": "gptq", "bits": 4, "group_size": 16}]}, tmp_path / "q",
                      max_memory=2**31, sparse_out=tmp_path / "qs", progress=False)
     assert not (tmp_path / "q").exists() and not (tmp_path / "qs").exists()
+
+
+def test_the_hessian_estimate_counts_each_input_once_and_the_one_before_in_sequence():
+    from slimformer.methods.memory import _hessian_bytes, _input_groups
+
+    adapter = get_adapter(tiny_model("llama"))
+    h, i = adapter.model.config.hidden_size, adapter.model.config.intermediate_size
+    groups = _input_groups(adapter, adapter.blocks[0])
+    assert groups == [(h, 3), (h, 1), (h, 2), (i, 1)]  # q/k/v, o, gate/up, down, in forward order
+    H, I = h * h * 4, i * i * 4
+    # sequentially: down's Hessian (factored in place) and gate/up's, or q/k/v's with a factor copy
+    assert _hessian_bytes(groups, sequential=True) == max(I + H, 2 * H + H, 2 * H)
+    assert _hessian_bytes(groups, sequential=False) == 3 * H + I + H  # all gathered first, one copy shared

@@ -40,6 +40,46 @@ def parse_size(text: str) -> int:
     return int(value * _UNITS[unit])
 
 
+def _input_groups(adapter: Adapter, block) -> list[tuple[int, int]]:
+    """(input width, projections fed it) for each distinct input of a block's projections (q/k/v share one).
+
+    The family's scale pairs name the projections that read one tensor (AWQ scales them
+    together); a projection in no pair reads its own.
+    """
+    roles = adapter.linears(block)
+    grouped = [g for g in (tuple(r for r in targets if r in roles) for _, targets in adapter.family.scale_pairs) if g]
+    alone = [(r,) for r in roles if not any(r in g for g in grouped)]
+    order = list(roles)  # the adapter names a block's projections in forward order
+    groups = sorted(grouped + alone, key=lambda g: order.index(g[0]))
+    return [(weight_matrix(roles[g[0]]).shape[1], len(g)) for g in groups]
+
+
+def _hessian_bytes(groups: list[tuple[int, int]], sequential: bool) -> int:
+    """Bytes of the float32 Hessians alive at once, with the working copy of the inverse factor.
+
+    A Hessian is let go once the last projection fed its input is compressed, and that one makes
+    its inverse factor in it; the others sharing it make theirs in a copy. Sequentially, one
+    input's Hessian is gathered and used at a time (the one before, in forward order, may be
+    held until every sample has passed it); otherwise every Hessian of the block is gathered
+    before the first is used.
+    """
+    sizes = [w * w * 4 for w, _ in groups]
+    shared = max([w * w * 4 for w, n in groups if n > 1], default=0)
+    if not sequential:
+        return sum(sizes) + shared
+    return max(size * (2 if n > 1 else 1) + (sizes[i - 1] if i else 0)
+               for i, (size, (_, n)) in enumerate(zip(sizes, groups)))
+
+
+def _bits(config) -> tuple[int, int] | None:
+    """(bits, columns per scale) of a quantizing step's output, or None when it writes float weights."""
+    bits = getattr(config, "bits", None)
+    if not bits:
+        return None
+    group = getattr(config, "group_size", None)
+    return bits, group if group and group > 0 else 2**31
+
+
 def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[str, int]:
     """Bytes of each term of a streamed run's peak (``total`` is their sum); see the module docstring.
 
@@ -60,25 +100,36 @@ def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[
     batch = min(getattr(config, "batch_size", 1), max(n, 1))
     resident = min(batch, n) if stream.spill else n  # samples whose hidden states are in memory at once
     now, embedding = current_rss_bytes(), stream.releasable_bytes() if calibrated else 0
+    sequential = getattr(config, "propagate", None) == "sequential"
+    quantized = _bits(config)
+    block_bytes = stream.peak_block_bytes()
+    linear_numel = sum(w[0] * w[1] for w in widths)
+    if quantized:  # packed codes, a scale and a zero point per group, and the float rest of the block
+        bits, group = quantized
+        rest = block_bytes - linear_numel * torch.finfo(stream.dtype).bits // 8
+        out_bytes = linear_numel * bits // 8 + 2 * 2 * -(-linear_numel // group) + \
+            rest * torch.finfo(stream.out_dtype).bits // torch.finfo(stream.dtype).bits
+    else:
+        out_bytes = block_bytes * torch.finfo(stream.out_dtype).bits // torch.finfo(stream.dtype).bits
     terms = {
         "process": now - embedding,  # interpreter, libraries, final norm; the embedding goes after the capture
-        "block": stream.peak_block_bytes(),
+        "block": block_bytes,
         # the block's inputs and outputs; the sequential mode also keeps the attention's outputs
-        "activations": (3 if getattr(config, "propagate", None) == "sequential" else 2) * resident * s * hidden * 4,
+        "activations": (3 if sequential else 2) * resident * s * hidden * 4,
         "pass": batch * s * (6 * hidden + 4 * inner) * 4,  # one batch inside the block
         "method": 0,
-        # a finished block is cast to the output dtype and serialised whole before its shard is written
-        "write": 2 * stream.peak_block_bytes() * torch.finfo(stream.out_dtype).bits // torch.finfo(stream.dtype).bits,
+        # a finished block is serialised whole (its tensors, then their bytes) before its shard is written
+        "write": 2 * out_bytes,
     }
     largest = max(w[0] * w[1] for w in widths)  # elements of the largest weight matrix
     if isinstance(config, (GPTQConfig, SparseGPTConfig)) or getattr(config, "then", None) == "gptq":
-        distinct = sorted({w[1] for w in widths})  # one Hessian per distinct input width kept for the block
-        # plus the one working copy of the largest (obs.inverse_hessian_factor factors in place)
-        terms["method"] = sum(w * w * 4 for w in distinct) + inner * inner * 4 + 3 * largest * 4
+        # the Hessians, and what the column loop keeps besides (it works in the weight itself): the
+        # mask and codes, its blocks of columns, then the de-quantized copy written back
+        terms["method"] = _hessian_bytes(_input_groups(adapter, block), sequential) + largest * 4
     if isinstance(config, AWQConfig):
         terms["method"] += 4 * config.max_rows * inner * 4 + 2 * largest * config.clip_rows * 4 // 32
-    if isinstance(config, (GPTQConfig, AWQConfig, RTNConfig)) or getattr(config, "bits", None):
-        terms["method"] += stream.peak_block_bytes() // 2  # int8 codes and the CPU kernel's packed copy
+    if quantized:
+        terms["method"] += linear_numel  # the int8 codes of the block's finished projections
     if isinstance(config, SLEBConfig):
         states = (len(adapter.blocks) + 1) * resident * s * hidden * 4  # the hidden state entering every kept block
         terms["method"] = states + int(config.cache_gib * 2**30)

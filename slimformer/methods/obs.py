@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from slimformer.methods import pruning_math as pm
-from slimformer.models.quantizer import QuantizedWeight, QuantScheme, qparams, quantize, search_shrink
+from slimformer.models.quantizer import QuantizedWeight, QuantScheme, group_params, qparams, quantize, search_shrink
 
 
 @dataclass
@@ -31,28 +31,64 @@ class ObsResult:
 
 
 def _cholesky_(A: torch.Tensor, upper: bool = False) -> None:
-    """Replace ``A`` by its Cholesky factor, in place (LAPACK factors in place: no second matrix)."""
+    """Replace the symmetric ``A`` by its Cholesky factor, in place (no second matrix).
+
+    LAPACK works on column-major matrices: given the row-major ``A`` it would factor a
+    column-major copy. Its transpose is a column-major view of the same memory, and the other
+    triangle's factor of it is the wanted factor of ``A``.
+    """
     info = torch.empty((), dtype=torch.int32, device=A.device)
-    torch.linalg.cholesky_ex(A, upper=upper, out=(A, info))
+    torch.linalg.cholesky_ex(A.mT, upper=not upper, out=(A.mT, info))
     if info.item() != 0:
         raise ValueError("the Hessian is not positive definite; more calibration samples or a larger percdamp help")
 
 
+def _permute_columns_(M: torch.Tensor, index: torch.Tensor, band: int = 1024) -> None:
+    """``M[:, index]`` in ``M``'s own memory, a band of rows at a time (no second weight-sized matrix)."""
+    for a in range(0, M.shape[0], band):
+        M[a : a + band] = M[a : a + band][:, index]
+
+
+def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor, band: int = 1024) -> None:
+    """Make the symmetric ``H`` into ``H[perm][:, perm]`` in its own memory (temporaries of ``band`` rows).
+
+    Reordering the columns of a band of rows is local to the band; the rows are reordered as the
+    columns of the transpose, which for a symmetric matrix is ``H[:, perm]`` transposed in place.
+    """
+    n = H.shape[0]
+    _permute_columns_(H, perm, band)
+    for a in range(0, n, band):  # transposed in place, a pair of blocks at a time: H[perm] (H is symmetric)
+        D = H[a : a + band, a : a + band]
+        D.copy_(D.T.clone())
+        for b in range(a + band, n, band):
+            upper = H[a : a + band, b : b + band].clone()
+            H[a : a + band, b : b + band] = H[b : b + band, a : a + band].T
+            H[b : b + band, a : a + band] = upper.T
+    _permute_columns_(H, perm, band)  # H[perm][:, perm]
+
+
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float, *, dead: torch.Tensor | None = None,
-                           perm: torch.Tensor | None = None) -> torch.Tensor:
-    """The upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = percdamp · mean diag(H)``; ``H`` is not modified.
+                           perm: torch.Tensor | None = None, in_place: bool = False) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = percdamp · mean diag(H)``.
 
     ``dead`` inputs get a diagonal of 1 first, and ``perm`` reorders rows and columns. One copy
     of ``H`` is made and every step then works in it (factor, inverse from the factor, factor of
     the inverse), so a ``w × w`` Hessian costs two such matrices at the peak, the caller's and
     this one: 0.7 GiB less at a 13B model's intermediate width than the three steps' own outputs.
+    ``in_place`` (a caller that no longer needs ``H``) skips the copy: ``H`` is reordered and
+    factored in its own memory, one matrix at the peak.
     """
-    H = H[perm[:, None], perm] if perm is not None else H.clone()  # one indexing, one copy
+    if perm is not None and in_place:
+        _permute_symmetric_(H, perm)
+    elif perm is not None:
+        H = H[perm[:, None], perm]  # one indexing, one copy
+    elif not in_place:
+        H = H.clone()
     if dead is not None and dead.any():
         H.diagonal()[dead[perm] if perm is not None else dead] = 1  # their rows and columns are zero already
     H.diagonal().add_(percdamp * torch.diagonal(H).mean())
     _cholesky_(H)
-    torch.cholesky_inverse(H, out=H)
+    torch.cholesky_inverse(H.mT, upper=True, out=H.mT)  # column-major again: no copy (see _cholesky_)
     _cholesky_(H, upper=True)
     return H
 
@@ -74,15 +110,19 @@ def obs_compress(
     static_groups: bool = False,
     mse: bool = False,
     keep_zeros: bool = False,
+    own_hessian: bool = False,
+    own_weight: bool = False,
 ) -> ObsResult:
     """Prune (``sparsity`` or an N:M ``pattern``) and/or quantize (``scheme``) W with the Hessian H of its inputs.
 
-    ``H`` is ``2 XᵀX / n``, used as given; neither argument is modified. Quantization, as in GPTQ:
+    ``H`` is ``2 XᵀX / n``, used as given; neither argument is modified (but see ``own_*``). Quantization, as in GPTQ:
     scales of a group are computed when the loop reaches the group's first column, from the
     weights as updated so far (``static_groups``: from the original weights, before any update).
     ``act_order`` processes columns in order of decreasing ``diag(H)`` and implies static groups,
     so every group keeps its own columns and the packed layout stays in the original order.
     ``keep_zeros`` treats weights that are already zero as pruned (quantizing a pruned model).
+    ``own_hessian``: the caller gives ``H`` up, and its inverse factor is made in its memory.
+    ``own_weight``: the caller will overwrite ``W`` with the result, which is made in ``W`` (float32).
 
     Deviation from the GPTQ reference: its dynamic group scales are read from the block-start
     copy of the weight, missing the updates made earlier in the same block; here they are read
@@ -91,7 +131,9 @@ def obs_compress(
     """
     n_m = pm.parse_pattern(pattern)
     rows, cols = W.shape
-    Wf = W.detach().float().clone()
+    # the weight itself when the caller gives it up and it is float32 already; else a float32 copy
+    Wf = W.detach() if own_weight and W.dtype == torch.float32 else W.detach().float().clone()
+    own_hessian = own_hessian or H.dtype != torch.float32 or H.device != Wf.device  # a cast or move copies
     H = H.detach().to(device=Wf.device, dtype=torch.float32)  # not copied: only inverse_hessian_factor copies it
     fixed_zero = (Wf == 0) if keep_zeros else None
     diag = torch.diagonal(H).clone()
@@ -102,16 +144,15 @@ def obs_compress(
     static = scheme is not None and (static_groups or act_order or group == cols)
     scale = zero = None
     if static:  # every group's scale from the weights before any update
-        flat = Wf.reshape(rows, cols // group, group).transpose(0, 1).reshape(-1, group)
-        s, z = _params(flat, scheme, mse)
-        scale, zero = s.view(cols // group, rows).T.contiguous(), z.view(cols // group, rows).T.contiguous()
+        scale, zero = group_params(Wf, scheme, mse)
     elif scheme is not None:
         scale, zero = torch.ones(rows, cols // group), torch.zeros(rows, cols // group)
     perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols)
     if act_order:
-        Wf = Wf[:, perm]
-        fixed_zero = fixed_zero[:, perm] if fixed_zero is not None else None
-    Hinv = inverse_hessian_factor(H, percdamp, dead=dead, perm=perm if act_order else None)
+        _permute_columns_(Wf, perm)
+        if fixed_zero is not None:
+            _permute_columns_(fixed_zero, perm)
+    Hinv = inverse_hessian_factor(H, percdamp, dead=dead, perm=perm if act_order else None, in_place=own_hessian)
     del H
     if n_m is not None:
         pm.check_n_m(cols, *n_m)
@@ -151,11 +192,13 @@ def obs_compress(
             Err1[:, i] = err
         Wf[:, i1:i2] = W1
         mask[:, i1:i2] = mask1
-        Wf[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of all later columns
+        Wf[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of all later columns, in place
+    del Hinv  # before the weight-sized copies below
     if act_order:
         inv = torch.argsort(perm)
-        Wf, mask = Wf[:, inv], mask[:, inv]
-        codes = codes[:, inv] if codes is not None else None
+        for M in (Wf, mask, codes):
+            if M is not None:
+                _permute_columns_(M, inv)
     quantized = QuantizedWeight(codes, scale, zero.to(torch.int8), scheme) if scheme is not None else None
     return ObsResult(Wf.to(W.dtype), mask, quantized)
 

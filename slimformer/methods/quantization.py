@@ -258,10 +258,11 @@ def rtn(adapter: Adapter, config: RTNConfig, samples: torch.Tensor | None = None
 
 
 # -- GPTQ ----------------------------------------------------------------------------------------------
-def _gptq_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, config) -> QuantizedWeight:
+def _gptq_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, config, own: bool = False) -> QuantizedWeight:
     result = obs_compress(W, H, scheme=scheme, blocksize=config.blocksize, percdamp=config.percdamp,
                           act_order=getattr(config, "act_order", False),
-                          static_groups=getattr(config, "static_groups", False), mse=config.mse, keep_zeros=True)
+                          static_groups=getattr(config, "static_groups", False), mse=config.mse, keep_zeros=True,
+                          own_hessian=own, own_weight=True)  # W is overwritten by the result right after
     return result.quantized
 
 
@@ -282,7 +283,7 @@ def gptq(adapter: Adapter, config: GPTQConfig, samples: torch.Tensor | None = No
 
     def compress(name: str, module: nn.Module, stats: InputStats) -> None:
         W = weight_matrix(module)
-        weights[name] = _gptq_weight(W, stats.full_hessian(), scheme, config)
+        weights[name] = _gptq_weight(W, stats.full_hessian(take=stats.last_use), scheme, config, own=stats.last_use)
         _write_back(module, weights[name])
 
     _calibrated_run(adapter, config, samples, _visitor(StatsVisitor, adapter, modules, installer, ("hessian",), compress))
@@ -410,10 +411,10 @@ class _AWQBlock:
             shrink = search_clip(W.float(), x[: self.config.clip_rows], self.scheme)
             self._clamp(W, shrink)
         if self.config.then == "gptq":
-            H = stats.full_hessian()
+            H = stats.full_hessian(take=stats.last_use)
             if s is not None:
                 H = H / s[:, None] / s[None, :]
-            self.weights[name] = _gptq_weight(W, H, self.scheme, self.config)
+            self.weights[name] = _gptq_weight(W, H, self.scheme, self.config, own=s is not None or stats.last_use)
         else:
             self.weights[name] = quantize_weight(W, self.scheme)
         _write_back(module, self.weights[name])

@@ -36,6 +36,20 @@ def add_upper_gram(H: torch.Tensor, x: torch.Tensor, block: int | None = None) -
         H[a : a + block, a:].addmm_(x[:, a : a + block].T, x[:, a:])
 
 
+def _mirror_upper_(H: torch.Tensor, band: int = 1024) -> None:
+    """Make ``H`` symmetric from its upper triangle, in place, a band of rows at a time.
+
+    ``H.triu() + H.triu(1).T`` would allocate a second ``w × w`` matrix; here the temporaries are
+    one ``band × band`` diagonal block. The values are the same: every entry below the diagonal
+    becomes its mirror image's.
+    """
+    for a in range(0, H.shape[0], band):
+        b = min(a + band, H.shape[0])
+        D = H[a:b, a:b]
+        D.copy_(D.triu() + D.triu(1).T)
+        H[a:b, :a].copy_(H[:a, a:b].T)
+
+
 @dataclass
 class InputStats:
     """What was gathered about one input: the requested statistics and how many sequences and tokens fed them."""
@@ -48,18 +62,27 @@ class InputStats:
     sequences: int = 0
     tokens: int = 0
 
-    def full_hessian(self) -> torch.Tensor:
+    last_use: bool = False  # set by the visitor: no module left in the block reads these statistics
+
+    def full_hessian(self, take: bool = False) -> torch.Tensor:
         """``2 XᵀX / n`` over the ``n`` sequences seen (SparseGPT's and GPTQ's normalisation).
 
         Made once, in the accumulator's memory (no second ``w × w`` matrix: 0.7 GiB at a 13B
         model's intermediate width), and shared by the modules fed the same input. Callers must
-        not change it; no observation may follow.
+        not change it, unless they ``take`` it: then these statistics let go of it, and the
+        caller may work in it (only the last module fed this input may: see ``last_use``). No
+        observation may follow.
         """
         if self.full is None:
+            if self.hessian is None:
+                raise SlimformerError("the Hessian was already taken by the last module fed this input")
             H, self.hessian = self.hessian, None
-            H.triu_().add_(H.T.tril(-1))  # the lower triangle mirrored from the upper one
+            _mirror_upper_(H)
             self.full = H.mul_(2.0 / self.sequences)
-        return self.full
+        H = self.full
+        if take:
+            self.full = None
+        return H
 
     def absmean(self) -> torch.Tensor:
         """Mean ``|x|`` of each input channel over every token seen."""
@@ -124,22 +147,25 @@ class StatsVisitor(ModuleVisitor):
         self.kinds = kinds
         self.max_rows, self.stride = max_rows, stride
         self.stats: dict[str, InputStats] = {}
-        # batch -> (its last input seen, by which module); weak, so no pass's activations outlive it
-        self.last: dict[int, tuple[weakref.ref, str]] = {}
+        self.used: set[str] = set()  # modules of this block compressed already
+        # batch -> (its last input seen, weak so no pass's activations outlive it; its statistics)
+        self.last: dict[int, tuple[weakref.ref, InputStats]] = {}
 
     def targets(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
         self.stats.clear()
+        self.used.clear()
         self.last.clear()
         return super().targets(index, block)
 
     def observe(self, name: str, module: nn.Module, inputs: torch.Tensor, batch: int) -> None:
         last = self.last.get(batch)
         if last is not None and last[0]() is inputs:
-            self.stats[name] = self.stats[last[1]]
+            self.stats[name] = last[1]
             return
-        self.last[batch] = (weakref.ref(inputs), name)
         sequences = inputs.shape[0] if inputs.ndim == 3 else 1
         x = inputs.reshape(-1, inputs.shape[-1]).float()  # (tokens, in)
+        if name in self.used:
+            raise SlimformerError(f"{name} was observed after it was compressed")
         entry = self.stats.get(name)
         if entry is None:
             width = x.shape[1]
@@ -147,8 +173,9 @@ class StatsVisitor(ModuleVisitor):
                 hessian=x.new_zeros((width, width)) if "hessian" in self.kinds else None,
                 sqnorm=x.new_zeros(width) if "sqnorm" in self.kinds else None,
                 abssum=x.new_zeros(width) if "absmean" in self.kinds else None)
-        if entry.full is not None:
+        if entry.full is not None or ("hessian" in self.kinds and entry.hessian is None):
             raise SlimformerError(f"{name} was observed after its Hessian was used")
+        self.last[batch] = (weakref.ref(inputs), entry)
         if entry.hessian is not None:
             add_upper_gram(entry.hessian, x)
         if entry.sqnorm is not None:
@@ -163,6 +190,18 @@ class StatsVisitor(ModuleVisitor):
         entry.tokens += x.shape[0]
 
     def compress(self, name: str, module: nn.Module) -> None:
+        """Compress ``name`` with its statistics, then let go of them once no module left needs them.
+
+        So a block's Hessians do not pile up: each goes as soon as the last module fed its input is
+        compressed, and that module may work in it (``InputStats.last_use``).
+        """
         if name not in self.stats:
             raise SlimformerError(f"{name} saw no calibration input")
-        self.compress_fn(name, module, self.stats[name])
+        entry = self.stats[name]
+        # the last module fed this input: every target was observed (a later one cannot share it)
+        # and no other one holds it
+        everyone = set(self.current) <= {*self.stats, *self.used}
+        entry.last_use = everyone and sum(s is entry for s in self.stats.values()) == 1
+        self.compress_fn(name, module, entry)
+        del self.stats[name]
+        self.used.add(name)

@@ -82,7 +82,7 @@ def qparams(w: torch.Tensor, scheme: QuantScheme, shrink: torch.Tensor | float =
     w = w.float()
     levels = float(scheme.qmax - scheme.qmin)
     if scheme.symmetric:
-        scale = _half(w.abs().amax(1) * shrink / (levels / 2))
+        scale = _half(torch.maximum(w.amax(1), -w.amin(1)) * shrink / (levels / 2))  # max |w|, no |w| copy
         zero = torch.zeros_like(scale)
     else:
         lo = w.amin(1).clamp(max=0) * shrink
