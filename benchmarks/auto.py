@@ -52,7 +52,7 @@ def child(spec: dict) -> dict:
     record = auto("smollm2-135m", target, out, config=config, overwrite=True)
     shutil.rmtree(out, ignore_errors=True)
     return {"name": spec["target"], **{k: record[k] for k in ("chosen", "search_seconds", "seconds", "recipe",
-                                                               "cost_model", "dense")},
+                                                               "cost_model", "dense", "speed_checks")},
             "trials": len(record["trials"]), "pareto": len(record["pareto"])}
 
 
@@ -108,6 +108,11 @@ def main() -> None:
                           f"auto {'at least as good' if c['as_good'] else 'worse'} on {c['axis']}")
                          if best else "none meets the target"))
             rows.append((f"single methods auto {name} dominates", ", ".join(c["dominates"]) or "none"))
+            if r.get("speed_checks"):
+                rows.append((f"auto {name}: decode measured / predicted on the front",
+                             "; ".join(f"{k['describe']}{' (chosen)' if k['chosen'] else ''}: "
+                                       f"{k['measured_speed']:.2f}× / {k['predicted_speed']:.2f}×"
+                                       for k in r["speed_checks"])))
         write_result("auto_smollm2", {"runs": list(results.values()), "single_method": single}, rows)
 
 

@@ -218,7 +218,9 @@ class AutoConfig:
     windows and ``search_recovery_tokens`` of distillation, on ``score_windows`` windows of
     ``score_seqlen`` tokens of the calibration text; it stops after ``trials`` candidates or
     ``budget_s`` seconds. The chosen recipe then runs with ``calibration``,
-    ``recovery_tokens`` and ``measure``.
+    ``recovery_tokens`` and ``measure``. Before that, the decode speed of the chosen candidate
+    and of ``check_front`` other Pareto-optimal ones is measured beside the cost model's
+    prediction (0: none).
     """
 
     target: Target
@@ -235,6 +237,7 @@ class AutoConfig:
     recovery_tokens: int = 40_000
     measure: Measure = field(default_factory=lambda: Measure(ppl_windows=8))
     speed_repeats: int = 3
+    check_front: int = 2
 
 
 Scorer = Callable[[dict], dict]
@@ -274,7 +277,7 @@ class CandidateScorer:
                                   f"{n} × {length} the scoring windows need")
         self.windows = ids[0, : n * length].view(n, length)
         self.cost = DecodeCost()
-        speed_ids = ids[:, :256]
+        self.speed_ids = speed_ids = ids[:, :256]
         measured = measure_costs({"dense": loaded.model}, speed_ids, repeats=config.speed_repeats,
                                  prompt_tokens=128, new_tokens=32)["models"]["dense"]
         self.dense_decode_tok_s = measured["decode_tok_s"]
@@ -297,16 +300,30 @@ class CandidateScorer:
                       calibration=c.calibration if final else c.search_calibration,
                       measure=c.measure if final else Measure(ppl_windows=0, speed=False))
 
+    def build(self, params: dict) -> LoadedModel:
+        """A candidate's model, its steps run with the search's settings on a copy of the dense model."""
+        recipe = self.recipe(params)
+        model = copy.deepcopy(self.dense.model)
+        loaded = LoadedModel(model, self.dense.tokenizer, get_adapter(model), self.dense.source)
+        if recipe.steps:
+            apply_steps(loaded, recipe, progress=False)
+        return loaded
+
+    def check_speed(self, params: dict) -> dict:
+        """A candidate's decode speed-up measured against the dense model (the two alternating), as the cost model was calibrated."""
+        loaded = self.build(params)
+        measured = measure_costs({"dense": self.dense.model, "candidate": loaded.model}, self.speed_ids,
+                                 repeats=self.config.speed_repeats, prompt_tokens=128, new_tokens=32)["models"]
+        return {"measured": measured["candidate"]["decode_tok_s"] / measured["dense"]["decode_tok_s"],
+                "predicted": self.dense_step_s / self.cost.predict(loaded.model)}
+
     def __call__(self, params: dict) -> dict:
         recipe = self.recipe(params)
         key = json.dumps([config_dict(s) for s in recipe.steps], sort_keys=True, default=str)
         if key in self.cache:
             return self.cache[key]
         start = time.perf_counter()
-        model = copy.deepcopy(self.dense.model)
-        loaded = LoadedModel(model, self.dense.tokenizer, get_adapter(model), self.dense.source)
-        if recipe.steps:
-            apply_steps(loaded, recipe, progress=False)
+        loaded = self.build(params)
         figures = {"ppl": calibration_perplexity(loaded.model, self.windows) / self.dense_ppl,
                    "size": self._bytes(loaded) / self.dense_bytes,
                    "speed": self.dense_step_s / self.cost.predict(loaded.model),
@@ -363,6 +380,7 @@ def auto(model: str, target: str | Target, out: str | Path, *, config: AutoConfi
                    seed=config.seed, initial=initial_points(space), progress=progress)
     search_s = time.perf_counter() - start
     chosen = found["chosen"]
+    checks = check_front(scorer, found, target, config.check_front, progress)
     recipe = scorer.recipe(chosen["params"], final=True)
     if progress:
         print(f"chosen: {describe_params(chosen['params'])}: {describe_point(chosen)} (predicted); running it in full")
@@ -382,17 +400,39 @@ def auto(model: str, target: str | Target, out: str | Path, *, config: AutoConfi
         "chosen": {"params": chosen["params"], "describe": describe_params(chosen["params"]),
                    "predicted": {k: chosen[k] for k in ("ppl", "size", "speed")}, "measured": measured,
                    "meets_target_measured": target.meets(measured) if measured else None},
+        "speed_checks": checks,
         "search_seconds": search_s, "seconds": time.perf_counter() - start,
         "recipe": recipe.to_dict(), "kind": "auto",
     }
     write_text(out / "recipe.yaml", recipe.to_yaml())
     write_json(out / "auto.json", record)
-    write_json(out / "search.json", {k: record[k] for k in ("model", "objectives", "trials", "pareto", "kind")}
+    write_json(out / "search.json", {k: record[k] for k in ("model", "objectives", "trials", "pareto", "kind",
+                                                             "speed_checks")}
                | {"strategy": config.strategy, "chosen": found["points"].index(chosen)})
     from slimformer.report import build_report
 
     build_report(out)
     return record
+
+
+def check_front(scorer: CandidateScorer, found: dict, target: Target, count: int, progress: bool = True) -> list[dict]:
+    """The cost model checked where it decided: decode speed measured for the chosen candidate and up to ``count``
+    other Pareto-optimal ones (the best under the target first), each rebuilt with the search's settings."""
+    if count < 0:
+        raise SlimformerError(f"the number of front points to measure must be 0 or more, not {count}")
+    chosen = found["chosen"]
+    front = [found["points"][i] for i in found["front"]]
+    others = sorted((p for p in front if p is not chosen), key=target.rank)[:count]
+    checks = []
+    for point in [chosen, *others] if count else []:
+        speed = scorer.check_speed(point["params"])
+        checks.append({"describe": describe_params(point["params"]), "params": point["params"],
+                       "chosen": point is chosen, "predicted_speed": speed["predicted"],
+                       "measured_speed": speed["measured"]})
+        if progress:
+            print(f"  decode {speed['measured']:.2f}× measured, {speed['predicted']:.2f}× predicted: "
+                  f"{checks[-1]['describe']}", flush=True)
+    return checks
 
 
 def _measured(summary: dict) -> dict[str, Any] | None:

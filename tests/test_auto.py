@@ -125,6 +125,11 @@ def test_auto_writes_the_chosen_model_its_recipe_and_report_and_run_reproduces_i
     assert record["chosen"]["predicted"]["size"] <= 0.5 and record["chosen"]["measured"]["size"] <= 0.5
     assert len(record["trials"]) >= 2 and record["pareto"]
     assert "Pareto" in (out / "report.html").read_text()
+    # the cost model is checked by a measurement at the chosen point and at most two others on the front
+    checks = record["speed_checks"]
+    assert checks[0]["chosen"] and checks[0]["params"] == record["chosen"]["params"] and len(checks) <= 3
+    assert all(c["measured_speed"] > 0 and c["predicted_speed"] > 0 for c in checks)
+    assert "the cost model against a measurement" in (out / "report.html").read_text()
     recipe = load_recipe(out / "recipe.yaml")
     assert recipe.steps and recipe.model == str(path)
     run_recipe(recipe, tmp_path / "again", progress=False)

@@ -402,3 +402,29 @@ def test_checkpoints_targeting_class_names_load_as_llm_compressor_writes_them(tm
     assert set(quantized_modules(reloaded)) == set(quantized_modules(model))
     ids = random_ids(2, 12, seed=9)
     assert torch.equal(logits(reloaded, ids), logits(model, ids))
+
+
+@pytest.mark.parametrize("config", [RTNConfig(bits=4, group_size=16), GPTQConfig(bits=4, group_size=16),
+                                    AWQConfig(bits=4, group_size=16), SparseGPTConfig(0.5, bits=4, group_size=16)],
+                         ids=["rtn", "gptq", "awq", "sparsegpt-int4"])
+def test_a_quantized_block_lets_go_of_its_float_projections(config, monkeypatch):
+    """Once a block is done nothing keeps its replaced float modules (a streamed run would hold a float block per block)."""
+    import gc
+    import weakref
+
+    from slimformer.methods.quantization import BlockInstaller
+
+    adapter = get_adapter(tiny_model("llama"))
+    first = [weakref.ref(m) for m in adapter.linears(adapter.blocks[0]).values()]
+    alive_later = []
+    finish = BlockInstaller.finish
+
+    def check(self, index, modules):
+        if index == 1:
+            gc.collect()
+            alive_later.append(sum(ref() is not None for ref in first))
+        return finish(self, index, modules)
+
+    monkeypatch.setattr(BlockInstaller, "finish", check)
+    apply(adapter, config, None if isinstance(config, RTNConfig) else random_ids(4, 16))
+    assert alive_later == [0]

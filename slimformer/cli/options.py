@@ -366,6 +366,9 @@ def add_auto_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--seqlen", type=int, default=1024, help="tokens per calibration window of the final run")
     p.add_argument("--recovery-tokens", type=token_count, default=40_000,
                    help="distillation budget of the final run (40k, 200000)")
+    p.add_argument("--check-front", type=int, default=2,
+                   help="besides the chosen candidate, how many other Pareto-optimal ones get their decode speed "
+                        "measured against the cost model's prediction (0: none)")
     p.add_argument("--out", required=True, help="output folder: model, recipe.yaml, auto.json, report")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")

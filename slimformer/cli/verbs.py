@@ -512,18 +512,23 @@ def cmd_auto(args: argparse.Namespace) -> int:
     budget = _seconds(args.budget)
     if args.trials < 1:
         raise SlimformerError(f"--trials must be at least 1, not {args.trials}")
+    if args.check_front < 0:
+        raise SlimformerError(f"--check-front must be 0 or more, not {args.check_front}")
     if not 0 <= args.max_block_ratio < 1:
         raise SlimformerError(f"--max-block-ratio must be in [0, 1), not {args.max_block_ratio}")
     space = AutoSpace(max_block_ratio=args.max_block_ratio, recovery=(False,) if args.no_recovery else (False, True))
     config = AutoConfig(target=target, space=space, trials=args.trials, budget_s=budget, strategy=args.strategy,
                         seed=args.seed, calibration=Calibration(nsamples=args.nsamples, seqlen=args.seqlen),
-                        recovery_tokens=args.recovery_tokens)
+                        recovery_tokens=args.recovery_tokens, check_front=args.check_front)
     record = auto(args.model, target, args.out, config=config, overwrite=args.overwrite)
     chosen = record["chosen"]
     console = Console()
     console.print(f"{len(record['trials'])} candidates in {record['search_seconds'] / 60:.1f} min, "
                   f"{len(record['pareto'])} on the front; chosen for {record['target_text']}: {chosen['describe']}")
     console.print(f"predicted: {describe_point(chosen['predicted'])}")
+    for check in record["speed_checks"]:
+        console.print(f"decode check: {check['measured_speed']:.2f}× measured, {check['predicted_speed']:.2f}× "
+                      f"predicted — {check['describe']}{' (chosen)' if check['chosen'] else ''}")
     if chosen["measured"]:
         console.print(f"measured:  {describe_point(chosen['measured'])} "
                       f"({'meets' if chosen['meets_target_measured'] else 'MISSES'} the target)")

@@ -121,8 +121,17 @@ class ModuleVisitor:
         self.compress_fn(name, module)
 
     def finish(self, index: int, block: nn.Module) -> Any:
-        """The record of block ``index``, now that its modules are compressed."""
-        return self.finish_fn(index, self.current) if self.finish_fn else None
+        """The record of block ``index``, now that its modules are compressed; then the visitor lets go of them.
+
+        A quantized block holds stand-ins by now: the replaced modules, with their float weights,
+        must not outlive it (in a streamed run they would stay in memory, one block's worth each).
+        ``current`` is emptied in place, as the runner holds it too.
+        """
+        record = self.finish_fn(index, self.current) if self.finish_fn else None
+        for name in self.current:
+            self.modules.pop(name, None)
+        self.current.clear()
+        return record
 
     def restore(self, index: int, record: Any) -> None:
         """Take back the record of a block finished by an interrupted run."""

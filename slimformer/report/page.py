@@ -75,7 +75,13 @@ def _search_html(search: dict) -> str:
         body += _img(plot_pareto(search), "Pareto front")
     front = [search["trials"][i] for i in search.get("pareto", [])]
     rows = [[str(t["number"]), *(_fmt(v) for v in t["values"]), json.dumps(t["params"])[:120]] for t in front]
-    return body + _table(["trial", *search["objectives"], "params"], rows)
+    body += _table(["trial", *search["objectives"], "params"], rows)
+    if checks := search.get("speed_checks"):
+        body += "<h3>Decode speed-up: the cost model against a measurement</h3>" + _table(
+            ["candidate", "predicted", "measured"],
+            [[c["describe"] + (" (chosen)" if c["chosen"] else ""), _fmt(c["predicted"]), _fmt(c["measured"])]
+             for c in checks])
+    return body
 
 
 def _evaluations_html(evaluations: list[dict]) -> str:

@@ -257,6 +257,9 @@ def _search(doc: dict, rel: str) -> dict | None:
         **{k: doc[k] for k in ("model", "task", "strategy", "kind") if isinstance(doc.get(k), str)},
         **({"chosen": kept[doc["chosen"]]} if isinstance(doc.get("chosen"), int) and doc["chosen"] in kept else {}),
         "baseline": _clean({"label": str(baseline.get("label") or "baseline"), "points": points}) if points else None,
+        "speed_checks": [{"describe": str(c.get("describe", "")), "chosen": c.get("chosen") is True,
+                          "predicted": _num(c.get("predicted_speed")), "measured": _num(c.get("measured_speed"))}
+                         for c in map(_dict, _list(doc.get("speed_checks")))] or None,
     })
 
 
