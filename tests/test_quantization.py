@@ -428,3 +428,19 @@ def test_a_quantized_block_lets_go_of_its_float_projections(config, monkeypatch)
     monkeypatch.setattr(BlockInstaller, "finish", check)
     apply(adapter, config, None if isinstance(config, RTNConfig) else random_ids(4, 16))
     assert alive_later == [0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("config", [GPTQConfig(bits=4, group_size=16), GPTQConfig(bits=4, group_size=16, act_order=False,
+                                                                                   mse=True),
+                                    SparseGPTConfig(0.5, bits=4, group_size=16)], ids=["gptq", "gptq-dynamic-mse", "sparsegpt-int4"])
+def test_quantizing_on_a_gpu_gives_the_cpu_model_back_on_the_cpu(config):
+    import dataclasses
+
+    samples = random_ids(4, 32)
+    ref, dev = tiny_model("llama"), tiny_model("llama")
+    apply(get_adapter(ref), config, samples)
+    apply(get_adapter(dev), dataclasses.replace(config, device="cuda"), samples)
+    assert {t.device.type for t in [*dev.parameters(), *dev.buffers()]} == {"cpu"}
+    with torch.no_grad():
+        assert_close_scaled(dev(samples).logits, ref(samples).logits, rel=1e-3)

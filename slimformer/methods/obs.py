@@ -146,8 +146,8 @@ def obs_compress(
     if static:  # every group's scale from the weights before any update
         scale, zero = group_params(Wf, scheme, mse)
     elif scheme is not None:
-        scale, zero = torch.ones(rows, cols // group), torch.zeros(rows, cols // group)
-    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols)
+        scale, zero = torch.ones(rows, cols // group, device=Wf.device), torch.zeros(rows, cols // group, device=Wf.device)
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols, device=Wf.device)
     if act_order:
         _permute_columns_(Wf, perm)
         if fixed_zero is not None:

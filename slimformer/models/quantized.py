@@ -201,7 +201,12 @@ def quantized_module_for(module: nn.Module, qweight: QuantizedWeight) -> nn.Modu
 def install(model: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
     """Swap each named module of ``model`` for its quantized stand-in; a tied head keeps sharing with the embedding."""
     for name, qweight in weights.items():
-        replace_module(model, name, quantized_module_for(model.get_submodule(name), qweight))
+        old = model.get_submodule(name)
+        new = quantized_module_for(old, qweight)
+        where = next((t.device for t in [*old.parameters(), *old.buffers()] if not t.is_meta), None)
+        if where is not None and where != qweight.codes.device:  # codes made on an accelerator, for a model back on the CPU
+            new = new.to(where)
+        replace_module(model, name, new)
     config = getattr(model, "config", None)
     if config is None or not getattr(config, "tie_word_embeddings", False):
         return

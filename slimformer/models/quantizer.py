@@ -127,8 +127,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
 def search_shrink(w: torch.Tensor, scheme: QuantScheme, grid: int = 20, max_shrink: float = 0.8,
                   norm: float = 2.4) -> torch.Tensor:
     """Per-row range shrink in ``[1 - max_shrink, 1]`` that minimises ``Σ|w - fq(w)|^norm`` (the GPTQ quantizer's MSE search)."""
-    best = torch.full((w.shape[0],), float("inf"))
-    best_shrink = torch.ones(w.shape[0])
+    best = torch.full((w.shape[0],), float("inf"), device=w.device)
+    best_shrink = torch.ones(w.shape[0], device=w.device)
     w = w.float()
     for i in range(int(max_shrink * grid) + 1):
         p = 1 - i / grid
