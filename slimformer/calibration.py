@@ -18,8 +18,9 @@ being compressed, in which its inverse factor is made, and of the one before it;
 as the last projection it feeds is compressed). For a 70B Llama block (h 8192, i 28672) and 16 × 2048
 samples in the sequential mode that is 3.19 GiB of float32 weights + 3.00 GiB of hidden states +
 1.25 GiB for one sample in flight: 7.4 GiB, measured at 8.15 GiB for the whole process, whose
-interpreter and libraries take 0.47 GiB (``benchmarks/scale.py --shape 70b-block``). With a streamed model (:mod:`slimformer.models.streaming`) ``W_block`` is the only weight
-term: the other blocks stay on disk; otherwise ``transformers`` memory-maps them from safetensors.
+interpreter and libraries take 0.47 GiB (``benchmarks/scale.py --shape 70b-block``). With a
+streamed model (:mod:`slimformer.models.streaming`) ``W_block`` is the only weight term: the
+other blocks stay on disk; otherwise ``transformers`` memory-maps them from safetensors.
 A streamed run whose budget the hidden states do not fit keeps them on disk as well (one file per
 batch, :class:`~slimformer.models.streaming.DiskStates`): the ``2·n·s·h·4`` term becomes
 ``2·b·s·h·4``, one batch read and one written, at the cost of writing and reading ``n·s·h·4``
