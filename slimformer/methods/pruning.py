@@ -245,9 +245,10 @@ def _prune_with(config: CalibratedConfig, quantized: dict[str, QuantizedWeight])
         W = weight_matrix(module)
         if isinstance(config, SparseGPTConfig):
             try:
-                result = obs_compress(W, stats.full_hessian(take=stats.last_use), sparsity=config.sparsity,
-                                      pattern=config.pattern, scheme=config.scheme(), blocksize=config.blocksize,
-                                      percdamp=config.percdamp, own_hessian=stats.last_use, own_weight=True)
+                H, own = stats.use_hessian()
+                result = obs_compress(W, H, sparsity=config.sparsity, pattern=config.pattern, scheme=config.scheme(),
+                                      blocksize=config.blocksize, percdamp=config.percdamp, own_hessian=own,
+                                      own_weight=True)
             except ValueError as e:
                 raise SlimformerError(f"{name}: {e}") from None
             W.copy_(result.weight)

@@ -283,7 +283,8 @@ def gptq(adapter: Adapter, config: GPTQConfig, samples: torch.Tensor | None = No
 
     def compress(name: str, module: nn.Module, stats: InputStats) -> None:
         W = weight_matrix(module)
-        weights[name] = _gptq_weight(W, stats.full_hessian(take=stats.last_use), scheme, config, own=stats.last_use)
+        H, own = stats.use_hessian()
+        weights[name] = _gptq_weight(W, H, scheme, config, own=own)
         _write_back(module, weights[name])
 
     _calibrated_run(adapter, config, samples, _visitor(StatsVisitor, adapter, modules, installer, ("hessian",), compress))
@@ -411,10 +412,10 @@ class _AWQBlock:
             shrink = search_clip(W.float(), x[: self.config.clip_rows], self.scheme)
             self._clamp(W, shrink)
         if self.config.then == "gptq":
-            H = stats.full_hessian(take=stats.last_use)
+            H, own = stats.use_hessian()
             if s is not None:
-                H = H / s[:, None] / s[None, :]
-            self.weights[name] = _gptq_weight(W, H, self.scheme, self.config, own=s is not None or stats.last_use)
+                H, own = H / s[:, None] / s[None, :], True
+            self.weights[name] = _gptq_weight(W, H, self.scheme, self.config, own=own)
         else:
             self.weights[name] = quantize_weight(W, self.scheme)
         _write_back(module, self.weights[name])

@@ -84,6 +84,10 @@ class InputStats:
             self.full = None
         return H
 
+    def use_hessian(self) -> tuple[torch.Tensor, bool]:
+        """The full Hessian for one module, and whether that module may work in it (it is the last one fed this input)."""
+        return self.full_hessian(take=self.last_use), self.last_use
+
     def absmean(self) -> torch.Tensor:
         """Mean ``|x|`` of each input channel over every token seen."""
         return self.abssum / self.tokens
