@@ -51,9 +51,14 @@ def child(spec: dict) -> dict:
     out = Path(spec["out"])
     record = auto("smollm2-135m", target, out, config=config, overwrite=True)
     shutil.rmtree(out, ignore_errors=True)
+    from slimformer.auto import describe_params
+
+    candidates = [{"describe": describe_params(t["params"]), "params": t["params"], "ppl": t["values"][0],
+                   "size": t["values"][1], "speed": 1 / t["values"][2], "on_front": t["number"] in record["pareto"]}
+                  for t in record["trials"]]
     return {"name": spec["target"], **{k: record[k] for k in ("chosen", "search_seconds", "seconds", "recipe",
                                                                "cost_model", "dense", "speed_checks")},
-            "trials": len(record["trials"]), "pareto": len(record["pareto"])}
+            "trials": len(record["trials"]), "pareto": len(record["pareto"]), "candidates": candidates}
 
 
 def compare(target_text: str, chosen: dict, single: list[dict]) -> dict:
@@ -108,6 +113,10 @@ def main() -> None:
                           f"auto {'at least as good' if c['as_good'] else 'worse'} on {c['axis']}")
                          if best else "none meets the target"))
             rows.append((f"single methods auto {name} dominates", ", ".join(c["dominates"]) or "none"))
+            if r.get("candidates"):
+                rows.append((f"auto {name}: the front (predicted)",
+                             "; ".join(f"{c['describe']}: ppl ×{c['ppl']:.3f}, size {c['size']:.3f}, {c['speed']:.2f}×"
+                                       for c in r["candidates"] if c["on_front"])))
             if r.get("speed_checks"):
                 rows.append((f"auto {name}: decode measured / predicted on the front",
                              "; ".join(f"{k['describe']}{' (chosen)' if k['chosen'] else ''}: "
