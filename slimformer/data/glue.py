@@ -43,6 +43,7 @@ class TaskInfo:
 
     @property
     def regression(self) -> bool:
+        """Whether the label is a score (STS-B) rather than a class."""
         return not self.label_names
 
     @property
@@ -52,6 +53,7 @@ class TaskInfo:
 
     @property
     def is_pair(self) -> bool:
+        """Whether each example is a pair of sentences."""
         return self.text_b is not None
 
     @property

@@ -28,6 +28,7 @@ class PerplexityResult:
     window_nll: list[float]  # mean NLL of each window, in order: any prefix's perplexity follows
 
     def to_dict(self) -> dict:
+        """The result as JSON-able fields."""
         return asdict(self)
 
 

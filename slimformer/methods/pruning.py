@@ -52,6 +52,7 @@ class PruneConfig:
 
     @property
     def n_m(self) -> tuple[int, int] | None:
+        """``(n, m)`` of an N:M pattern, ``None`` for unstructured sparsity."""
         return pm.parse_pattern(self.pattern)
 
 

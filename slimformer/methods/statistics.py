@@ -114,14 +114,16 @@ class ModuleVisitor:
         self.current: dict[str, nn.Module] = {}
 
     def targets(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
+        """The chosen modules of block ``index``, by name."""
         prefix = f"{self.adapter.block_prefix}.{index}."
         self.current = {n: m for n, m in self.modules.items() if n.startswith(prefix)}
         return self.current
 
     def observe(self, name: str, module: nn.Module, inputs: torch.Tensor, batch: int) -> None:
-        pass
+        """One batch's input to ``name`` (this visitor keeps nothing of it)."""
 
     def compress(self, name: str, module: nn.Module) -> None:
+        """Compress ``name`` once every sample went through it."""
         self.compress_fn(name, module)
 
     def finish(self, index: int, block: nn.Module) -> Any:
@@ -165,12 +167,14 @@ class StatsVisitor(ModuleVisitor):
         self.last: dict[int, tuple[weakref.ref, InputStats]] = {}
 
     def targets(self, index: int, block: nn.Module) -> dict[str, nn.Module]:
+        """The chosen modules of block ``index``, with no statistics yet."""
         self.stats.clear()
         self.used.clear()
         self.last.clear()
         return super().targets(index, block)
 
     def observe(self, name: str, module: nn.Module, inputs: torch.Tensor, batch: int) -> None:
+        """Add one batch's input to ``name``'s statistics; modules fed the very same tensor share them."""
         last = self.last.get(batch)
         if last is not None and last[0]() is inputs:
             self.stats[name] = last[1]

@@ -219,6 +219,7 @@ class Adapter:
 
     @property
     def base(self) -> nn.Module:
+        """The model without its task head."""
         return self.model.base_model
 
     @property
@@ -234,6 +235,7 @@ class Adapter:
 
     @property
     def num_layers(self) -> int:
+        """The block count the config declares."""
         return getattr(self.config, self.family.layers_field)
 
     def block_origin(self) -> list[int]:
@@ -244,10 +246,12 @@ class Adapter:
 
     @property
     def embeddings(self) -> list[nn.Module]:
+        """The input embeddings (tokens, and positions or token types where the family has them)."""
         return [self.base.get_submodule(path) for path in self.family.embeddings]
 
     @property
     def final_norm(self) -> nn.Module | None:
+        """The norm after the last block (``None`` for post-norm encoders)."""
         return self.base.get_submodule(self.family.final_norm) if self.family.final_norm else None
 
     @property
@@ -269,6 +273,7 @@ class Adapter:
         return {role: block.get_submodule(path) for role, path in paths.items()}
 
     def norms(self, block: nn.Module) -> list[nn.Module]:
+        """The norms of one block, in forward order."""
         return [block.get_submodule(path) for path in self.family.norms]
 
     def shape(self) -> dict[str, int | None]:

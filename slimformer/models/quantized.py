@@ -76,6 +76,7 @@ class QuantizedLinear(nn.Module):
 
     @property
     def group(self) -> int:
+        """Input columns per scale."""
         return self.in_features // self.weight_scale.shape[1]
 
     def quantized_weight(self) -> QuantizedWeight:

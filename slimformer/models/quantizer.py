@@ -36,10 +36,12 @@ class QuantScheme:
 
     @property
     def qmin(self) -> int:
+        """The smallest code (signed)."""
         return -(1 << (self.bits - 1))
 
     @property
     def qmax(self) -> int:
+        """The largest code (signed)."""
         return (1 << (self.bits - 1)) - 1
 
     def group_of(self, width: int) -> int:
@@ -67,6 +69,7 @@ class QuantizedWeight:
 
     @property
     def group(self) -> int:
+        """Input columns per scale."""
         return self.codes.shape[1] // self.scale.shape[1]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

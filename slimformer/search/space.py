@@ -51,13 +51,16 @@ class Subnet:
 
     @property
     def kept_blocks(self) -> list[int]:
+        """The indices of the blocks the sub-network keeps."""
         return [i for i, h in enumerate(self.heads) if h is not None]
 
     def to_json(self) -> str:
+        """The sub-network as JSON text."""
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> Subnet:
+        """A sub-network from :meth:`to_json`'s text."""
         return cls(**json.loads(text))
 
 
