@@ -6,7 +6,9 @@ calibration text tokenizes) one block-shard at a time, never whole in memory; th
 runs streamed (``slimformer run --max-memory``-style, in a fresh process so its peak RSS is its
 own) and the output's sparsity or bit width is checked from a few tensors. Everything it wrote is
 removed at the end. Disk needed: the checkpoint (≈ 26 GB) plus the largest output (Wanda's
-bfloat16 copy, ≈ 26 GB) — pass ``--keep-going`` to delete each output before the next method.
+bfloat16 copy, ≈ 26 GB; each output is deleted before the next method runs).
+A method run again replaces its row in the result; the other methods' rows are kept, so
+methods measured in separate invocations on the same shapes share one table.
 
     python scale.py                                # wanda then gptq on the 13B shapes, 4 × 512 tokens
     python scale.py --methods wanda --layers 8     # a shorter run: 8 blocks of the same shapes
@@ -30,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common import write_result
+from common import RESULTS, write_result
 
 SHAPES = {"13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
                       num_hidden_layers=40),
@@ -116,6 +118,35 @@ def _io() -> dict[str, int]:
     return {k: int(v) for k, v in fields.items()}
 
 
+def merged(path: Path, payload: dict) -> dict:
+    """``payload`` with the runs of an earlier result for the same checkpoint that this one did not redo.
+
+    So methods measured in separate invocations (a 40-block GPTQ run takes over an hour) land in one
+    table; each run carries its own calibration settings (older runs: their file's settings).
+    """
+    if not path.exists():
+        return payload
+    earlier = json.loads(path.read_text())
+    kept = {label: {**figures, "settings": figures.get("settings") or
+                    {k: earlier["settings"].get(k) for k in ("nsamples", "seqlen", "max_memory", "threads", "activations")}}
+            for label, figures in earlier.get("runs", {}).items() if label not in payload["runs"]}
+    return {**payload, "runs": {**kept, **payload["runs"]}}
+
+
+def run_rows(label: str, figures: dict, layers: int) -> list[tuple[str, str]]:
+    """The table rows of one method run."""
+    settings = figures["settings"]
+    terms = ", ".join(f"{k} {v:.2f}" for k, v in figures["estimate_terms_gib"].items() if k != "total" and v)
+    return [(f"{label}: peak RSS (whole process)", f"{figures['peak_rss_gib']:.2f} GiB "
+             f"(estimate {figures['estimate_gib']:.2f}" + (f" = {terms}" if terms else "") +
+             f"; budget {settings['max_memory']}; {settings['nsamples']} × {settings['seqlen']} calibration tokens)"),
+            (f"{label}: seconds per block", f"{figures['method_seconds'] / layers:.1f} "
+             f"({figures['method_seconds']:.0f} s for {layers} blocks)"),
+            (f"{label}: disk read / written", f"{figures['read_gb']:.1f} GB / {figures['written_gb']:.1f} GB"),
+            (f"{label}: output", f"{figures['output_gb']:.1f} GB; " +
+             "; ".join(f"{k.split('layers.')[1]}: {v}" for k, v in figures["output"].items()))]
+
+
 def check_output(folder: Path, method: str, layers: int) -> dict:
     """Sparsity or bit width of a few output tensors (first, middle and last block)."""
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
@@ -184,18 +215,15 @@ def main() -> None:
             figures["output_gb"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
             label = method if len(runs) == 1 and activations == "auto" else \
                 f"{method}, activations {'on disk' if figures['activations_on_disk'] else 'in memory'}"
+            figures["settings"] = {k: spec[k] for k in ("nsamples", "seqlen", "max_memory", "threads", "activations")}
             payload["runs"][label] = figures
-            terms = ", ".join(f"{k} {v:.2f}" for k, v in figures["estimate_terms_gib"].items() if k != "total" and v)
-            rows += [(f"{label}: peak RSS (whole process)", f"{figures['peak_rss_gib']:.2f} GiB "
-                      f"(estimate {figures['estimate_gib']:.2f} = {terms}; budget {args.max_memory})"),
-                     (f"{label}: seconds per block", f"{figures['method_seconds'] / layers:.1f} "
-                      f"({figures['method_seconds']:.0f} s for {layers} blocks)"),
-                     (f"{label}: disk read / written", f"{figures['read_gb']:.1f} GB / {figures['written_gb']:.1f} GB"),
-                     (f"{label}: output", f"{figures['output_gb']:.1f} GB; " +
-                      "; ".join(f"{k.split('layers.')[1]}: {v}" for k, v in figures["output"].items()))]
             shutil.rmtree(out)
+        result = f"scale_{name}" + (f"_{args.nsamples}x{args.seqlen}" if args.source else "")
+        payload = merged(RESULTS / f"{result}.json", payload)
         payload["settings"] = vars(args)
-        write_result(f"scale_{name}" + (f"_{args.nsamples}x{args.seqlen}" if args.source else ""), payload, rows)
+        for label, figures in payload["runs"].items():
+            rows += run_rows(label, figures, layers)
+        write_result(result, payload, rows)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
