@@ -25,6 +25,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,9 +97,17 @@ def child(spec: dict) -> None:
                                                                                    spec["seqlen"]),
                     measure=Measure(ppl_windows=0, speed=False))
     io_before = _io()
+    out = Path(spec["out"])
+    trace, stop = {}, threading.Event()
+    sampler = threading.Thread(target=_rss_by_block, args=(out.parent / f".{out.name}.streaming" / "blocks", trace, stop))
+    sampler.start()
     start = time.perf_counter()
-    summary = run_streamed(recipe, spec["out"], max_memory=parse_size(spec["max_memory"]), overwrite=True,
-                           out_dtype="bfloat16", progress=False, activations=spec["activations"])
+    try:
+        summary = run_streamed(recipe, out, max_memory=parse_size(spec["max_memory"]), overwrite=True,
+                               out_dtype="bfloat16", progress=False, activations=spec["activations"])
+    finally:
+        stop.set()
+        sampler.join()
     seconds = time.perf_counter() - start
     io_after = _io()
     step = summary["steps"][0]
@@ -109,7 +118,21 @@ def child(spec: dict) -> None:
                       "estimate_terms_gib": {k: v / 2**30 for k, v in step["estimate_bytes"].items()},
                       "read_gb": (io_after["read_bytes"] - io_before["read_bytes"]) / 1e9,
                       "written_gb": (io_after["write_bytes"] - io_before["write_bytes"]) / 1e9,
+                      "rss_by_block_gib": trace,
                       "summary": {k: v for k, v in step["result"]["summary"].items() if not isinstance(v, (dict, list))}}))
+
+
+def _rss_by_block(blocks: Path, trace: dict[int, float], stop: threading.Event) -> None:
+    """The largest resident memory (GiB) seen while each block ran, keyed by the count of blocks written before it.
+
+    Sampled every 0.2 s; a peak that grows with the key is memory a finished block left behind.
+    """
+    from slimformer.machine import current_rss_bytes
+
+    done = 0
+    while not stop.wait(0.2):  # at the end the shards are renamed away: the count only goes up
+        done = max(done, sum(1 for _ in blocks.glob("*.safetensors")) if blocks.exists() else 0)
+        trace[done] = max(trace.get(done, 0.0), current_rss_bytes() / 2**30)
 
 
 def _io() -> dict[str, int]:
@@ -143,8 +166,20 @@ def run_rows(label: str, figures: dict, layers: int) -> list[tuple[str, str]]:
             (f"{label}: seconds per block", f"{figures['method_seconds'] / layers:.1f} "
              f"({figures['method_seconds']:.0f} s for {layers} blocks)"),
             (f"{label}: disk read / written", f"{figures['read_gb']:.1f} GB / {figures['written_gb']:.1f} GB"),
+            *([(f"{label}: largest RSS while block k runs", rss_row(figures["rss_by_block_gib"], layers))]
+              if figures.get("rss_by_block_gib") else []),
             (f"{label}: output", f"{figures['output_gb']:.1f} GB; " +
              "; ".join(f"{k.split('layers.')[1]}: {v}" for k, v in figures["output"].items()))]
+
+
+def rss_row(trace: dict, layers: int) -> str:
+    """``block 0: 3.1 GiB · block 20: 3.2 · …`` from a run's RSS trace (keys may be strings once read from JSON)."""
+    trace = {int(k): v for k, v in trace.items()}
+    picks = sorted({k for k in (0, 1, layers // 4, layers // 2, 3 * layers // 4, layers - 1) if k in trace})
+    parts = [f"block {k}: {trace[k]:.2f}" for k in picks]
+    if layers in trace:
+        parts.append(f"head, embedding and index: {trace[layers]:.2f}")
+    return " · ".join(parts) + " GiB"
 
 
 def check_output(folder: Path, method: str, layers: int) -> dict:
