@@ -41,7 +41,7 @@ def child(spec: dict) -> dict:
     """One auto run in this process: search, full run of the chosen recipe, measured figures."""
     import torch
 
-    from slimformer.auto import AutoConfig, Target, auto
+    from slimformer.auto import AutoConfig, Target, auto, describe_params
     from slimformer.recipes import Measure
 
     torch.set_num_threads(2)
@@ -51,8 +51,6 @@ def child(spec: dict) -> dict:
     out = Path(spec["out"])
     record = auto("smollm2-135m", target, out, config=config, overwrite=True)
     shutil.rmtree(out, ignore_errors=True)
-    from slimformer.auto import describe_params
-
     candidates = [{"describe": describe_params(t["params"]), "params": t["params"], "ppl": t["values"][0],
                    "size": t["values"][1], "speed": 1 / t["values"][2], "on_front": t["number"] in record["pareto"]}
                   for t in record["trials"]]

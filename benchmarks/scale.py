@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 
 from common import RESULTS, write_result
 
+RUN_SETTINGS = ("nsamples", "seqlen", "max_memory", "threads", "activations")  # kept with each method's figures
 SHAPES = {"13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
                       num_hidden_layers=40),
           "70b-block": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
@@ -151,7 +152,7 @@ def merged(path: Path, payload: dict) -> dict:
         return payload
     earlier = json.loads(path.read_text())
     kept = {label: {**figures, "settings": figures.get("settings") or
-                    {k: earlier["settings"].get(k) for k in ("nsamples", "seqlen", "max_memory", "threads", "activations")}}
+                    {k: earlier["settings"].get(k) for k in RUN_SETTINGS}}
             for label, figures in earlier.get("runs", {}).items() if label not in payload["runs"]}
     return {**payload, "runs": {**kept, **payload["runs"]}}
 
@@ -250,7 +251,7 @@ def main() -> None:
             figures["output_gb"] = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e9
             label = method if len(runs) == 1 and activations == "auto" else \
                 f"{method}, activations {'on disk' if figures['activations_on_disk'] else 'in memory'}"
-            figures["settings"] = {k: spec[k] for k in ("nsamples", "seqlen", "max_memory", "threads", "activations")}
+            figures["settings"] = {k: spec[k] for k in RUN_SETTINGS}
             payload["runs"][label] = figures
             shutil.rmtree(out)
         result = f"scale_{name}" + (f"_{args.nsamples}x{args.seqlen}" if args.source else "")
