@@ -25,9 +25,10 @@ A streamed run whose budget the hidden states do not fit keeps them on disk as w
 batch, :class:`~slimformer.models.streaming.DiskStates`): the ``2·n·s·h·4`` term becomes
 ``2·b·s·h·4``, one batch read and one written, at the cost of writing and reading ``n·s·h·4``
 bytes per block. After each block the memory the C allocator keeps free goes back to the system
-(:func:`slimformer.machine.release_freed_memory`); without it, GPTQ on 13B shapes grew from
-3.42 GiB after 4 blocks to 5.47 GiB after 40. With it the growth is about 19 MiB a block there
-(3.50 GiB at block 0, 3.79 GiB at block 15), not yet none.
+(:func:`slimformer.machine.release_freed_memory`), and a streamed run maps every allocation of
+4 MiB or more on its own (:func:`slimformer.machine.map_large_allocations`): without the first,
+GPTQ on 13B shapes grew from 3.42 GiB after 4 blocks to 5.47 GiB after 40; without the second,
+the allocator's heap still grew by a block's fragments each block, and the peak with it.
 
 A method plugs in as a :class:`BlockVisitor`: ``targets`` names the modules whose inputs it
 wants, ``observe`` receives those inputs batch by batch (through forward pre-hooks that are
@@ -69,7 +70,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from slimformer.errors import SlimformerError
-from slimformer.machine import release_freed_memory
+from slimformer.machine import map_large_allocations, release_freed_memory
 from slimformer.models.adapters import Adapter
 from slimformer.models.streaming import is_loaded, stream_of
 
@@ -260,6 +261,8 @@ class BlockRunner:
         self.device = torch.device(device)
         self.progress = progress
         self.stream = stream_of(adapter)
+        if self.stream is not None:
+            map_large_allocations()  # else the heap's fragments grow the peak block after block
         self.records: dict[int, Any] = {}  # what the visitor's ``finish`` said about each block
         # paused sequential mode when its activations fit this many bytes (see the module docstring)
         self.paused_bytes = psutil.virtual_memory().available // 4

@@ -69,11 +69,30 @@ def current_rss_bytes() -> int:
 
 
 @functools.cache
-def _malloc_trim():
+def _libc_function(name: str):
     try:
-        return ctypes.CDLL(None).malloc_trim  # glibc; not on macOS or musl
+        return getattr(ctypes.CDLL(None), name)  # glibc's; not on macOS or musl
     except (AttributeError, OSError):
         return None
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def map_large_allocations(threshold: int = 4 << 20) -> bool:
+    """Give every allocation of ``threshold`` bytes or more its own memory mapping, unmapped when freed; whether it could.
+
+    glibc raises its mmap threshold each time a large block is freed, up to 32 MiB, and serves
+    requests below it from its heap. A streamed run's block-sized tensors then fragment the
+    heap: with GPTQ on 13B shapes its address range grew from 590 to 1176 MiB over five blocks
+    while what was in use stayed at 264 MiB, and the peak within a block grew with it (3.56 →
+    3.78 GiB); with a fixed 4 MiB threshold the heap stayed near 300 MiB and the peak near
+    3.46 GiB, at about 5% more time per block for the fresh pages. Setting it (glibc's
+    ``mallopt(M_MMAP_THRESHOLD)``) turns glibc's adjustment off for the rest of the process;
+    the block runner does it for streamed models only.
+    """
+    mallopt = _libc_function("mallopt")
+    return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 def release_freed_memory() -> bool:
@@ -86,7 +105,7 @@ def release_freed_memory() -> bool:
     from 3.42 GiB after 4 blocks to 5.47 GiB after 40 at 13B shapes (GPTQ). The block runner
     calls this after each block.
     """
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is None:
         return False
     trim(0)
