@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_REL, assert_close_scaled, random_ids, tiny_model
+from conftest import TINY_REL, assert_close_scaled, random_ids, tiny_model, tiny_tokenizer
 from slimformer import get_adapter
 from slimformer.calibration import PROPAGATE, BlockRunner, capture, observing
 
@@ -284,6 +284,58 @@ def test_freed_heap_memory_goes_back_to_the_system():
     proc = subprocess.run([sys.executable, "-c", HEAP_FRAGMENTS], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.split()[-1]) > 128 << 20  # of the 256 MiB freed in the middle of the heap
+
+
+MAPPED_ALLOCATIONS = """
+import sys
+from pathlib import Path
+import torch
+from slimformer.machine import map_large_allocations
+
+def anon():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssAnon"))
+    return int(line.split()[1]) * 1024
+
+if sys.argv[1] == "fixed":
+    assert map_large_allocations()
+mapped = torch.ones(24 << 20, dtype=torch.uint8)
+del mapped  # raises glibc's own threshold past 8 MiB, unless it is fixed
+big, small = [], []
+for _ in range(8):  # 8 MiB tensors, each followed by a 1 MiB one that stays, so a heap could not shrink
+    big.append(torch.ones(8 << 20, dtype=torch.uint8))
+    small.append(torch.ones(1 << 20, dtype=torch.uint8))
+before = anon()
+del big
+print(before - anon())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/status").exists(),
+                    reason="glibc's allocator on Linux")
+def test_large_allocations_go_back_to_the_system_as_they_are_freed():
+    freed = {}
+    for mode in ("dynamic", "fixed"):  # each in a fresh process: the allocator's state there is known
+        proc = subprocess.run([sys.executable, "-c", MAPPED_ALLOCATIONS, mode], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        freed[mode] = int(proc.stdout.split()[-1])
+    assert freed["dynamic"] < 16 << 20  # glibc's default kept the 64 MiB in its heap
+    assert freed["fixed"] > 48 << 20
+
+
+def test_only_a_streamed_run_fixes_the_allocators_threshold(monkeypatch, tmp_path):
+    import slimformer.calibration as calibration
+    from slimformer.models.loading import load_streamed, save_model
+
+    calls = []
+    monkeypatch.setattr(calibration, "map_large_allocations", lambda: calls.append(1) or True)
+    model = tiny_model("llama")
+    BlockRunner(get_adapter(model), random_ids(2, 16), progress=False)
+    assert calls == []
+    save_model(model, tiny_tokenizer(), tmp_path / "source")
+    streamed = load_streamed(str(tmp_path / "source"), tmp_path / "out")
+    BlockRunner(streamed.adapter, random_ids(2, 16), progress=False)
+    assert calls == [1]
 
 
 def test_the_runner_releases_freed_memory_after_each_block(monkeypatch):
