@@ -83,13 +83,14 @@ def map_large_allocations(threshold: int = 4 << 20) -> bool:
     """Give every allocation of ``threshold`` bytes or more its own memory mapping, unmapped when freed; whether it could.
 
     glibc raises its mmap threshold each time a large block is freed, up to 32 MiB, and serves
-    requests below it from its heap. A streamed run's block-sized tensors then fragment the
-    heap: with GPTQ on 13B shapes its address range grew from 590 to 1176 MiB over five blocks
-    while what was in use stayed at 264 MiB, and the peak within a block grew with it (3.56 →
-    3.78 GiB); with a fixed 4 MiB threshold the heap stayed near 300 MiB and the peak near
-    3.46 GiB, at about 5% more time per block for the fresh pages. Setting it (glibc's
-    ``mallopt(M_MMAP_THRESHOLD)``) turns glibc's adjustment off for the rest of the process;
-    the block runner does it for streamed models only.
+    requests below it from its heap. A streamed run's block-sized tensors then fragment the heap:
+    with GPTQ on 13B shapes (4 × 512 tokens) its address range grew from 590 to 1176 MiB over five
+    blocks while what was in use stayed at 264 MiB (glibc's ``mallinfo2`` after each block), and
+    the peak within a block grew with it, 3.47 → 3.69 GiB. With the threshold fixed at 4 MiB
+    the heap grew from 284 to 327 MiB over four blocks, and all 40 blocks peaked at 3.43 GiB
+    (5.47 before either fix) in 111.5 s a block (112.5 before; the fresh pages cost little next
+    to the block's work). Setting it (glibc's ``mallopt(M_MMAP_THRESHOLD)``) turns glibc's
+    adjustment off for the rest of the process; the block runner does it for streamed models only.
     """
     mallopt = _libc_function("mallopt")
     return bool(mallopt is not None and mallopt(_M_MMAP_THRESHOLD, int(threshold)))

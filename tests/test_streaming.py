@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -299,3 +300,50 @@ def test_the_hessian_estimate_counts_each_input_once_and_the_one_before_in_seque
     # sequentially: down's Hessian (factored in place) and gate/up's, or q/k/v's with a factor copy
     assert _hessian_bytes(groups, sequential=True) == max(I + H, 2 * H + H, 2 * H)
     assert _hessian_bytes(groups, sequential=False) == 3 * H + I + H  # all gathered first, one copy shared
+
+
+SMOLLM_METHODS = {  # group 64: SmolLM2's widths (576, 1536) are not multiples of 128
+    "magnitude": MagnitudeConfig(sparsity=0.5),
+    "wanda": WandaConfig(sparsity=0.5),
+    "sparsegpt-2:4": SparseGPTConfig(pattern="2:4"),
+    "rtn": RTNConfig(bits=4, group_size=64),
+    "gptq": GPTQConfig(bits=4, group_size=64),
+    "awq": AWQConfig(bits=4, group_size=64),
+    "sleb": SLEBConfig(blocks=1),
+    "influence": SLEBConfig(blocks=1, criterion="influence"),
+}
+
+
+@pytest.fixture(scope="module")
+def smollm_blocks(tmp_path_factory) -> Path:
+    """SmolLM2-135M's real weights and tokenizer, cut to its first 8 of 30 blocks.
+
+    The streamed path differs from the in-memory one per block, so 22 more blocks would repeat the
+    same check at four times the cost; the whole model is checked with Wanda in test_integration.py.
+    """
+    from slimformer.models.surgery import remove_blocks
+
+    loaded = load_model("smollm2-135m")
+    remove_blocks(loaded.adapter, range(8, len(loaded.adapter.blocks)))
+    folder = save_model(loaded.model, loaded.tokenizer, tmp_path_factory.mktemp("smollm") / "src")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(SMOLLM_METHODS))
+def test_smollm_streamed_writes_the_in_memory_weights(smollm_blocks, tmp_path, name):
+    from transformers import AutoTokenizer
+
+    from slimformer.data import load_text, sample_windows, tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_blocks)
+    samples = sample_windows(tokenize(tokenizer, load_text("wikitext2:valid")), 2, 64, seed=0)
+    try:
+        expected = in_memory(smollm_blocks, SMOLLM_METHODS[name], samples, tmp_path / "mem")
+        result = streamed(smollm_blocks, SMOLLM_METHODS[name], samples, tmp_path / "str")
+        assert_same_weights(tmp_path / "mem", tmp_path / "str")
+        assert result.summary == expected.summary
+    finally:  # two float32 copies of the model per method
+        shutil.rmtree(tmp_path / "mem", ignore_errors=True)
+        shutil.rmtree(tmp_path / "str", ignore_errors=True)
