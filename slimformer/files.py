@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Make ``dst`` a hard link to ``src`` (a copy where links are not possible), replacing any ``dst`` there.
+
+    The new name appears whole or not at all, so doing it again after an interruption is safe.
+    """
+    if Path(dst).exists() and os.path.samefile(src, dst):
+        return  # rename() between two links to one file does nothing and would leave the temporary
+    with atomic_path(dst) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def remove_temporaries(folder: str | Path) -> None:
+    """Remove what interrupted :func:`atomic_path` writes left under ``folder`` (a killed process cleans nothing)."""
+    for tmp in Path(folder).rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> Path:

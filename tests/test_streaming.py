@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import VOCAB, random_ids, tiny_model, tiny_tokenizer
 from slimformer import get_adapter
+from slimformer.cli import main
 from slimformer.errors import SlimformerError
 from slimformer.methods import (AWQConfig, GPTQConfig, MagnitudeConfig, RTNConfig, SLEBConfig, SparseGPTConfig,
                                 WandaConfig, apply)
@@ -261,6 +262,74 @@ def test_cli_max_memory_refuses_a_budget_too_small_and_leaves_nothing(source, tm
     assert "streamed within --max-memory" in run.stdout and "activations on disk" in run.stdout
     for out in ("p", "ps"):
         assert load_model(str(tmp_path / out)).model.model.layers[0].mlp.up_proj.weight.eq(0).float().mean() == 0.5
+
+
+# Runs the CLI and kills the process with SIGKILL (no cleanup of any kind runs) at one point of a
+# streamed run: in the middle of the Nth atomic write of a file (the temporary half written), or
+# right after the output shards are named.
+KILLED_CLI = """
+import os, signal, sys
+from contextlib import contextmanager
+import slimformer.models.streaming as streaming
+
+where, count, writes = sys.argv[1], int(sys.argv[2]), []
+if where == "name_shards":
+    name_shards = streaming.name_shards
+
+    def killed_after(*args, **kwargs):
+        name_shards(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    streaming.name_shards = killed_after
+else:
+    atomic_path = streaming.atomic_path
+
+    @contextmanager
+    def killed_within(path):
+        with atomic_path(path) as tmp:
+            yield tmp
+            writes.append(os.path.basename(path) == where)
+            if sum(writes) == count:
+                os.truncate(tmp, os.path.getsize(tmp) // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    streaming.atomic_path = killed_within
+from slimformer.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def wanda_runs(tmp_path_factory):
+    """A tiny Llama, calibration text, and the CLI's Wanda run on it in memory and streamed uninterrupted."""
+    folder = tmp_path_factory.mktemp("killed")
+    source = save_model(tiny_model("llama"), tiny_tokenizer(), folder / "src")
+    text = folder / "calib.txt"
+    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
+    args = ["prune", str(source), "--method", "wanda", "--calib", str(text), "--nsamples", "4", "--seqlen", "16"]
+    for out, extra in (("mem", []), ("str", ["--max-memory", "2GiB"])):
+        assert main([*args, *extra, "--out", str(folder / out)]) == 0
+    return folder, [*args, "--max-memory", "2GiB"]
+
+
+@pytest.mark.parametrize("where,count,resumed_at", [("block-00002.safetensors", 1, 2), ("progress.json", 3, 1),
+                                                    ("outer.safetensors", 1, 3), ("name_shards", 1, 3)])
+def test_a_killed_cli_run_resumes_to_the_same_model(wanda_runs, tmp_path, caplog, where, count, resumed_at):
+    """SIGKILL mid-model, mid-write or mid-commit (the tiny model has 3 blocks); the same command again resumes
+    where the last checkpoint is and gives the uninterrupted model, with no temporaries left over.
+    """
+    folder, args = wanda_runs
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILLED_CLI, where, str(count), *args, "--out", str(out)],
+                            capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists() and (tmp_path / ".out.streaming" / "progress.json").exists()
+    with caplog.at_level("INFO", logger="slimformer"):
+        assert main([*args, "--out", str(out)]) == 0
+    assert f"resuming at block {resumed_at} " in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (folder / "str").iterdir())
+    assert_same_weights(folder / "mem", out)
+    assert not (tmp_path / ".out.streaming").exists()
 
 
 def test_streamed_sparse_out_is_a_sharded_bitmask_copy_of_the_output(source, tmp_path):

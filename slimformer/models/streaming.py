@@ -37,7 +37,7 @@ from torch import nn
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME as INDEX  # the index save_pretrained writes
 
 from slimformer.errors import SlimformerError
-from slimformer.files import atomic_path
+from slimformer.files import atomic_path, link_or_copy, remove_temporaries, write_text
 from slimformer.models.adapters import Adapter, get_adapter
 from slimformer.models.quant_storage import checkpoint_tensors, config_with_quantization
 from slimformer.models.quantized import quantized_modules
@@ -46,24 +46,28 @@ log = logging.getLogger(__name__)
 
 
 
-def name_shards(folder: Path, files: list[str]) -> None:
+def name_shards(folder: Path, files: list[str], keep: bool = False) -> None:
     """Rename weight files in ``folder`` to ``model.safetensors`` (one) or ``model-K-of-N.safetensors`` with an index.
 
     The index is ``model.safetensors.index.json`` as ``save_pretrained`` writes it; files are
-    read for their tensor names only (headers).
+    read for their tensor names only (headers). With ``keep`` the files stay where they are and
+    the new names are hard links to them, so a run killed part way can name them again.
     """
+    def name(file: str, new: str) -> None:
+        link_or_copy(folder / file, folder / new) if keep else os.replace(folder / file, folder / new)
+
     if len(files) == 1:
-        os.replace(folder / files[0], folder / "model.safetensors")
+        name(files[0], "model.safetensors")
         return
     weight_map, size = {}, 0
     for k, file in enumerate(files):
-        name = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
-        os.replace(folder / file, folder / name)
-        with safe_open(folder / name, "pt") as f:
-            weight_map.update({key: name for key in f.keys()})
-        size += (folder / name).stat().st_size
-    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
-                                           indent=2, sort_keys=True))
+        new = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+        name(file, new)
+        with safe_open(folder / new, "pt") as f:
+            weight_map.update({key: new for key in f.keys()})
+        size += (folder / new).stat().st_size
+    write_text(folder / INDEX, json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map},
+                                          indent=2, sort_keys=True))
 
 
 class Checkpoint:
@@ -146,10 +150,7 @@ class DiskStates:
         """Put the batch files into ``folder`` as hard links (copies where links are not possible)."""
         folder.mkdir(parents=True, exist_ok=True)
         for j in range(self._count):
-            try:
-                os.link(self._file(j), folder / self._file(j).name)
-            except OSError:
-                shutil.copyfile(self._file(j), folder / self._file(j).name)
+            link_or_copy(self._file(j), folder / self._file(j).name)
 
     @property
     def nbytes(self) -> int:
@@ -225,6 +226,7 @@ class Stream:
             state = json.loads(progress.read_text())
             if state.get("job") == self.job:
                 self.progress = state
+                remove_temporaries(self.work)
                 log.info("resuming at block %d from %s", state.get("next", 0), self.work)
                 return
             log.warning("discarding %s: it was left by a different job", self.work)
@@ -376,9 +378,10 @@ class Stream:
         outer = checkpoint_tensors(self.model, "", self.out_dtype, skip=(prefix, *on_disk))
         outer.update({name: self.source.read(name).to(self.out_dtype) for name in on_disk})
         self.source.close()
-        with atomic_path(self.work / "outer.safetensors") as tmp:
+        with atomic_path(self.work / "blocks" / "outer.safetensors") as tmp:
             save_file(outer, tmp, metadata={"format": "pt"})
-        name_shards(self.work, [*files, "outer.safetensors"])
+        # linked, not moved: until progress.json goes, a killed commit resumes from blocks/
+        name_shards(self.work, [*files, "blocks/outer.safetensors"], keep=True)
         self._write_config()
         if tokenizer is not None:
             tokenizer.save_pretrained(self.work)
