@@ -377,6 +377,12 @@ def work_folder(out: Path) -> Path:
     return out.parent / f".{out.name}.work"
 
 
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` when nothing is in it."""
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def run_recipe(recipe: str | Path | dict | Recipe, out: str | Path, *, model: str | None = None,
                overwrite: bool = False, progress: bool = True, dtype: str = "float32",
                sparse_out: str | Path | None = None) -> dict:
@@ -492,7 +498,11 @@ def run_streamed(recipe: str | Path | dict | Recipe, out: str | Path, *, max_mem
             steps.append(json.loads((target / "step.json").read_text()))
             source = str(target)
             continue
-        loaded = load_streamed(source, target, dtype=dtype, out_dtype=out_dtype, job=job, overwrite=True)
+        try:
+            loaded = load_streamed(source, target, dtype=dtype, out_dtype=out_dtype, job=job, overwrite=True)
+        except BaseException:
+            _remove_if_empty(work)  # a source refused before any work leaves nothing behind
+            raise
         stream = stream_of(loaded.adapter)
         try:
             ctx = _Context(recipe, loaded, progress)
@@ -510,8 +520,7 @@ def run_streamed(recipe: str | Path | dict | Recipe, out: str | Path, *, max_mem
         except BaseException:
             if not stream.progress["next"]:  # no block finished that a rerun could resume from
                 shutil.rmtree(stream.work, ignore_errors=True)
-                if not any(work.iterdir()):
-                    work.rmdir()
+                _remove_if_empty(work)
             raise
         finally:
             stream.abandon()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import VOCAB, random_ids, tiny_model, tiny_tokenizer
+from conftest import MOE_FAMILIES, VOCAB, random_ids, tiny_model, tiny_moe, tiny_tokenizer
 from slimformer import get_adapter
 from slimformer.cli import main
 from slimformer.errors import SlimformerError
@@ -207,6 +207,20 @@ def test_a_different_job_does_not_resume(source, tmp_path, monkeypatch):
     streamed(source, WandaConfig(sparsity=0.3), random_ids(2, 16), tmp_path / "str")
     in_memory(source, WandaConfig(sparsity=0.3), random_ids(2, 16), tmp_path / "mem")
     assert_same_weights(tmp_path / "mem", tmp_path / "str")
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_a_checkpoint_transformers_converts_on_load_is_refused_before_any_work(tmp_path, capsys, family):
+    """MoE checkpoints store each expert's matrices apart; the model stacks them: one line, nothing written."""
+    source = save_model(tiny_moe(family), tiny_tokenizer(), tmp_path / "src")
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
+    capsys.readouterr()
+    code = main(["prune", str(source), "--method", "wanda", "--calib", str(text), "--nsamples", "2", "--seqlen", "16",
+                 "--max-memory", "2GiB", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "run without --max-memory" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "src"]
 
 
 def test_memory_estimate_and_sizes(source, tmp_path):

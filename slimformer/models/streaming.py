@@ -215,9 +215,26 @@ class Stream:
         self.written: dict[int, tuple[int, str]] = {}  # id(block) -> (index written at, file)
         self.spill = False  # calibration activations on disk (DiskStates) instead of in memory
         self._spilled = itertools.count()
+        self._check_names()
         self._start(resume)
         self._load_outer()
         model.adapter_stream = self  # how the block runner finds it
+
+    def _check_names(self) -> None:
+        """Refuse, before any work, a checkpoint that does not store every block tensor under the model's own name.
+
+        transformers renames or merges some checkpoints' tensors as it loads them (the per-expert
+        matrices of MoE models become one stacked tensor); streaming reads and writes one tensor
+        at a time by name, so it cannot take those.
+        """
+        for block in self.adapter.blocks:
+            src = self.source_of[id(block)]
+            for name, _ in [*block.named_parameters(), *block.named_buffers()]:
+                if src + name not in self.source:
+                    raise SlimformerError(
+                        f"streaming reads each tensor under the model's own name, and {self.source.folder} has no "
+                        f"'{src + name}' (transformers converts this checkpoint's tensors as it loads them, as for "
+                        f"MoE experts): run without --max-memory")
 
     # -- progress --------------------------------------------------------------------------------
     def _start(self, resume: bool) -> None:
