@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import MOE_FAMILIES, VOCAB, random_ids, tiny_model, tiny_moe, tiny_tokenizer
 from slimformer import get_adapter
 from slimformer.cli import main
 from slimformer.errors import SlimformerError
-from slimformer.methods import (AWQConfig, GPTQConfig, MagnitudeConfig, RTNConfig, SLEBConfig, SparseGPTConfig,
-                                WandaConfig, apply)
+from slimformer.methods import (AWQConfig, ExpertMergeConfig, ExpertPruneConfig, GPTQConfig, MagnitudeConfig,
+                                RTNConfig, SLEBConfig, SparseGPTConfig, WandaConfig, apply)
 from slimformer.methods.memory import check_budget, estimate_peak, parse_size
 from slimformer.models.loading import load_model, load_streamed, save_model
 from slimformer.models.streaming import INDEX, DiskStates, Stream, stream_of
@@ -209,17 +209,71 @@ def test_a_different_job_does_not_resume(source, tmp_path, monkeypatch):
     assert_same_weights(tmp_path / "mem", tmp_path / "str")
 
 
+EXPERT_METHODS = {"expert-prune": ExpertPruneConfig(keep=3), "expert-prune-output": ExpertPruneConfig(keep=3, criterion="output"),
+                  "expert-merge": ExpertMergeConfig(keep=3)}
+
+
+@pytest.mark.parametrize("name", [*EXPERT_METHODS, "wanda", "gptq"])
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_a_checkpoint_transformers_converts_on_load_is_refused_before_any_work(tmp_path, capsys, family):
-    """MoE checkpoints store each expert's matrices apart; the model stacks them: one line, nothing written."""
+def test_moe_checkpoints_stream_through_transformers_conversion(tmp_path, family, name):
+    """MoE checkpoints store each expert's matrices apart and the model stacks them: the same weights streamed."""
     source = save_model(tiny_moe(family), tiny_tokenizer(), tmp_path / "src")
+    config, samples = {**EXPERT_METHODS, **METHODS}[name], random_ids(4, 16)
+    expected = in_memory(source, config, samples, tmp_path / "mem")
+    loaded = load_streamed(str(source), tmp_path / "str", job={"method": config.method})
+    assert stream_of(loaded.adapter).conversion is not None
+    result = apply(loaded.adapter, config, samples)
+    stream_of(loaded.adapter).commit(loaded.tokenizer)
+    assert_same_weights(tmp_path / "mem", tmp_path / "str")
+    assert result.summary == expected.summary and result.layers == expected.layers
+    assert json.loads((tmp_path / "str" / "config.json").read_text()) == \
+        json.loads((tmp_path / "mem" / "config.json").read_text())
+
+
+def test_a_resumed_expert_merge_reports_and_writes_what_an_uninterrupted_one_does(tmp_path, monkeypatch):
+    source = save_model(tiny_moe("mixtral"), tiny_tokenizer(), tmp_path / "src")
+    config, samples = ExpertMergeConfig(keep=3), random_ids(4, 16)
+    expected = in_memory(source, config, samples, tmp_path / "mem")
+    write = Stream.write
+
+    def interrupted(self, index, block):
+        if index == 1:
+            raise KeyboardInterrupt
+        write(self, index, block)
+
+    monkeypatch.setattr(Stream, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        streamed(source, config, samples, tmp_path / "str")
+    monkeypatch.setattr(Stream, "write", write)
+    result = streamed(source, config, samples, tmp_path / "str")
+    assert_same_weights(tmp_path / "mem", tmp_path / "str")
+    assert result.summary == expected.summary and result.layers == expected.layers
+
+
+def test_cli_experts_streams_a_moe_model(tmp_path, capsys):
+    source = save_model(tiny_moe("qwen3_moe"), tiny_tokenizer(), tmp_path / "src")
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
+    common = ["experts", str(source), "--keep", "4", "--calib", str(text), "--nsamples", "4", "--seqlen", "16"]
+    assert main([*common, "--out", str(tmp_path / "mem")]) == 0
+    assert main([*common, "--max-memory", "2GiB", "--out", str(tmp_path / "str")]) == 0
+    assert "streamed within --max-memory" in capsys.readouterr().out
+    assert_same_weights(tmp_path / "mem", tmp_path / "str")
+    assert load_model(str(tmp_path / "str")).model.config.num_experts == 4
+
+
+def test_a_checkpoint_missing_a_block_tensor_is_refused_before_any_work(source, tmp_path, capsys):
+    weights = load_file(source / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
     text = tmp_path / "calib.txt"
     text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
     capsys.readouterr()
     code = main(["prune", str(source), "--method", "wanda", "--calib", str(text), "--nsamples", "2", "--seqlen", "16",
                  "--max-memory", "2GiB", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "run without --max-memory" in err, err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "model.layers.1.mlp.up_proj.weight" in err and "run without --max-memory" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "src"]
 
 

@@ -346,6 +346,7 @@ def add_experts_parser(sub, helps: dict[str, str]) -> None:
     p.add_argument("--ppl-windows", type=int, default=0, help="measure WikiText-2 perplexity before/after on N windows")
     p.add_argument("--out", required=True, help="folder for the model with fewer experts (the same class, stock-loadable)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_max_memory_arg(p)
 
 
 def add_auto_parser(sub, helps: dict[str, str]) -> None:

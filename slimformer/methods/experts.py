@@ -186,6 +186,21 @@ class _ExpertVisitor:
             info["kept"] = kept
         self.layers[name] = info
 
+    def finish(self, index: int, block: nn.Module) -> dict:
+        """Block ``index``'s record: what each of its MoE blocks kept or merged, and the count kept."""
+        return {"layers": {n: self.layers[n] for n in self.targets(index, block)}, "keep": self.keep}
+
+    def restore(self, index: int, record: dict) -> None:
+        """Take a block finished by an interrupted streamed run: its record, and its smaller expert count.
+
+        The block itself is on disk, written; its modules here (on the meta device) only take the
+        new shapes, so the model's parameter count and config agree with what was written.
+        """
+        self.layers.update(record["layers"])
+        self.keep = record["keep"]
+        for name in record["layers"]:
+            keep_experts(self.blocks[name], range(self.keep))
+
 
 @register(ExpertPruneConfig)
 @register(ExpertMergeConfig)

@@ -16,12 +16,15 @@ import torch
 from slimformer.errors import SlimformerError
 from slimformer.machine import current_rss_bytes
 from slimformer.methods.blocks import SLEBConfig
+from slimformer.methods.experts import ExpertFields, ExpertMergeConfig
 from slimformer.methods.pruning import MagnitudeConfig, SparseGPTConfig, WandaConfig
 from slimformer.methods.quantization import AWQConfig, GPTQConfig, RTNConfig
 from slimformer.models.adapters import Adapter, weight_matrix
+from slimformer.models.moe import moe_modules, moe_modules_within, router_weight
 from slimformer.models.streaming import stream_of
 
-STREAMABLE = (MagnitudeConfig, WandaConfig, SparseGPTConfig, RTNConfig, GPTQConfig, AWQConfig, SLEBConfig)
+STREAMABLE = (MagnitudeConfig, WandaConfig, SparseGPTConfig, RTNConfig, GPTQConfig, AWQConfig, SLEBConfig,
+              ExpertFields)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -130,6 +133,16 @@ def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[
         terms["method"] += 4 * config.max_rows * inner * 4 + 2 * largest * config.clip_rows * 4 // 32
     if quantized:
         terms["method"] += linear_numel  # the int8 codes of the block's finished projections
+    if isinstance(config, ExpertFields):
+        # a MoE block's inputs, flattened to tokens and joined, then at most max_tokens of them scored: merging
+        # runs every expert on them, the output criterion keeps a few block outputs
+        tokens = min(n * s, config.max_tokens)
+        experts = max((router_weight(m).shape[0] for m in moe_modules_within(moe_modules(adapter.model), block).values()),
+                      default=0)
+        scored = experts if isinstance(config, ExpertMergeConfig) else 3
+        terms["method"] = 2 * n * s * hidden * 4 + scored * tokens * hidden * 4
+    if stream.conversion is not None:  # a block's tensors as stored, and stacked, before the cast to the compute dtype
+        terms["convert"] = 2 * block_bytes * stream.source_bits // torch.finfo(stream.dtype).bits
     if isinstance(config, SLEBConfig):
         states = (len(adapter.blocks) + 1) * resident * s * hidden * 4  # the hidden state entering every kept block
         terms["method"] = states + int(config.cache_gib * 2**30)

@@ -102,11 +102,68 @@ class Checkpoint:
     def __contains__(self, key: str) -> bool:
         return key in self.file_of
 
+    def meta(self, key: str) -> torch.Tensor:
+        """A tensor of ``key``'s shape on the meta device, from the file's header (nothing is read)."""
+        return torch.empty(self._handle(key).get_slice(key).get_shape(), device="meta")
+
+    def bits(self, key: str) -> int:
+        """Bits per element ``key`` is stored with, from the file's header."""
+        dtype = self._handle(key).get_slice(key).get_dtype()
+        return {"F64": 64, "I64": 64, "F32": 32, "I32": 32, "F16": 16, "BF16": 16, "I16": 16}.get(dtype, 8)
+
     def read(self, key: str) -> torch.Tensor:
         """One tensor, copied out of the mapped file."""
         if key not in self.file_of:
             raise SlimformerError(f"checkpoint {self.folder} has no tensor '{key}'")
         return self._handle(key).get_tensor(key)
+
+
+class Conversion:
+    """transformers' renamings and merges between a checkpoint's tensor names and the model's, one block at a time.
+
+    Some checkpoints store tensors the model holds otherwise: MoE checkpoints keep each expert's
+    matrices apart (Mixtral's under other names too) and transformers stacks them into one
+    tensor per projection as it loads, and splits them again as it saves. The same transforms
+    (``get_model_conversion_mapping``) applied to one block's tensors give that block's
+    parameters, and reverted (``revert_weight_conversion``), the tensors ``save_pretrained``
+    writes.
+    """
+
+    def __init__(self, model: nn.Module):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        transforms = get_model_conversion_mapping(model) or []
+        self.model = model
+        self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+
+    def to_model(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's tensors made of checkpoint ``tensors`` (all of what one block stores)."""
+        import copy
+
+        from transformers.core_model_loading import WeightRenaming, apply_converters, apply_renamings, dot_natural_key
+
+        by_pattern = {k: c for c in self.converters for k in c.source_patterns}
+        transforms = {}
+        for key, tensor in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):
+            renamed, pattern = apply_converters(apply_renamings(key, self.renamings), self.converters)
+            if pattern is None:
+                transform, pattern = transforms.setdefault(renamed, WeightRenaming(key, renamed)), key
+            else:  # each target gets its own converter, which collects its sources
+                transform = transforms.setdefault(renamed, copy.deepcopy(by_pattern[pattern]))
+            transform.add_tensor(renamed, key, pattern, tensor)
+        out = {}
+        for name, transform in transforms.items():
+            for target, value in transform.convert(name, model=self.model, config=self.model.config).items():
+                out[target] = value[0] if isinstance(value, list) else value
+        return out
+
+    def to_checkpoint(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors ``save_pretrained`` writes for the model's ``tensors`` (one block's)."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return revert_weight_conversion(self.model, tensors)
 
 
 class DiskStates:
@@ -214,6 +271,7 @@ class Stream:
         self.source_of = {id(b): f"{prefix}.{i}." for i, b in enumerate(self.adapter.blocks)}
         self.written: dict[int, tuple[int, str]] = {}  # id(block) -> (index written at, file)
         self.spill = False  # calibration activations on disk (DiskStates) instead of in memory
+        self.conversion: Conversion | None = None  # set when the checkpoint names block tensors otherwise
         self._spilled = itertools.count()
         self._check_names()
         self._start(resume)
@@ -221,20 +279,33 @@ class Stream:
         model.adapter_stream = self  # how the block runner finds it
 
     def _check_names(self) -> None:
-        """Refuse, before any work, a checkpoint that does not store every block tensor under the model's own name.
+        """Find each block's tensors in the checkpoint, through transformers' conversion where names differ.
 
-        transformers renames or merges some checkpoints' tensors as it loads them (the per-expert
-        matrices of MoE models become one stacked tensor); streaming reads and writes one tensor
-        at a time by name, so it cannot take those.
+        Refuses, before any work, a checkpoint that stores a block tensor neither under the model's
+        own name nor under one :class:`Conversion` maps to it with the model's shape.
         """
-        for block in self.adapter.blocks:
+        keys: dict[str, list[str]] = {}
+        for key in self.source.file_of:
+            prefix = key.split(".")
+            keys.setdefault(".".join(prefix[:len(self.adapter.block_prefix.split(".")) + 1]) + ".", []).append(key)
+        self.keys_of = keys
+        missing = [(block, src + name) for block in self.adapter.blocks for src in [self.source_of[id(block)]]
+                   for name, _ in [*block.named_parameters(), *block.named_buffers()] if src + name not in self.source]
+        if not missing:
+            return
+        self.conversion = Conversion(self.model)
+        self.source_bits = max(self.source.bits(k) for k in self.keys_of[self.source_of[id(missing[0][0])]])
+        for block in {id(b): b for b, _ in missing}.values():
             src = self.source_of[id(block)]
-            for name, _ in [*block.named_parameters(), *block.named_buffers()]:
-                if src + name not in self.source:
-                    raise SlimformerError(
-                        f"streaming reads each tensor under the model's own name, and {self.source.folder} has no "
-                        f"'{src + name}' (transformers converts this checkpoint's tensors as it loads them, as for "
-                        f"MoE experts): run without --max-memory")
+            try:
+                found = self.conversion.to_model({k: self.source.meta(k) for k in self.keys_of.get(src, [])})
+            except Exception:  # a transform that does not fit this checkpoint
+                found = {}
+            for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+                if src + name not in found or found[src + name].shape != tensor.shape:
+                    raise SlimformerError(f"streaming cannot find '{src + name}' in {self.source.folder}, under that "
+                                          f"name or one transformers converts to it: run without --max-memory")
+        self.source.close()
 
     # -- progress --------------------------------------------------------------------------------
     def _start(self, resume: bool) -> None:
@@ -349,8 +420,14 @@ class Stream:
         if is_loaded(block):
             return
         src = self.source_of[id(block)]
-        for name, _ in [*block.named_parameters(), *block.named_buffers()]:
-            _assign(block, name, self.source.read(src + name).to(self.dtype))
+        if self.conversion is None:
+            for name, _ in [*block.named_parameters(), *block.named_buffers()]:
+                _assign(block, name, self.source.read(src + name).to(self.dtype))
+        else:
+            found = self.conversion.to_model({k: self.source.read(k) for k in self.keys_of[src]})
+            for name, _ in [*block.named_parameters(), *block.named_buffers()]:
+                _assign(block, name, found.pop(src + name).to(self.dtype))
+            del found
         self.source.close()
 
     def release(self, block: nn.Module) -> None:
@@ -361,8 +438,12 @@ class Stream:
         """Write block ``index`` (as it is now: pruned, quantized…) to its own output shard."""
         prefix = f"{self.adapter.block_prefix}.{index}."
         file = f"blocks/block-{index:05d}.safetensors"
+        tensors = checkpoint_tensors(block, prefix, self.out_dtype)
+        if self.conversion is not None and not quantized_modules(block):
+            # as in memory: save_pretrained converts back, the quantized checkpoint writer stores the model's tensors
+            tensors = {k: t.contiguous() for k, t in self.conversion.to_checkpoint(tensors).items()}
         with atomic_path(self.work / file) as tmp:
-            save_file(checkpoint_tensors(block, prefix, self.out_dtype), tmp, metadata={"format": "pt"})
+            save_file(tensors, tmp, metadata={"format": "pt"})
         self.written[id(block)] = (index, file)
         self.progress["files"][str(index)] = file
 
