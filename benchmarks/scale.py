@@ -14,6 +14,8 @@ methods measured in separate invocations on the same shapes share one table.
     python scale.py --methods wanda --layers 8     # a shorter run: 8 blocks of the same shapes
     python scale.py --shape 70b-block --methods wanda --nsamples 16 --seqlen 2048 --max-memory 24GiB
                                                    # one 70B-shaped block: the sequential mode's peak vs the formula
+    python scale.py --shape mixtral-8x7b --layers 4 --methods expert-prune --max-memory 20GiB
+                                                   # 4 blocks of Mixtral-8x7B shapes, a quarter of the experts pruned
     python scale.py --source smollm2-135m --methods wanda --nsamples 32 --seqlen 2048 --max-memory 4GiB \
                     --activations memory,disk      # an existing model; hidden states in memory, then on disk
 """
@@ -39,32 +41,46 @@ RUN_SETTINGS = ("nsamples", "seqlen", "max_memory", "threads", "activations")  #
 SHAPES = {"13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_heads=40, num_key_value_heads=40,
                       num_hidden_layers=40),
           "70b-block": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
-                            num_hidden_layers=1)}
+                            num_hidden_layers=1),
+          # Mixtral-8x7B: 8 experts of the 7B FFN per block, each token routed to 2; ≈ 2.9 GB a block in bfloat16
+          "mixtral-8x7b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                               num_hidden_layers=32, num_local_experts=8, num_experts_per_tok=2)}
+METHODS = ("wanda", "gptq", "expert-prune")
 
 
 def write_checkpoint(folder: Path, shape: dict, layers: int) -> dict:
-    """A random bfloat16 Llama checkpoint, one shard per block plus one for the rest, with an index."""
-    from transformers import AutoTokenizer, LlamaConfig
+    """A random bfloat16 Llama (or Mixtral) checkpoint, one shard per block plus one for the rest, with an index.
+
+    Mixtral's experts are stored as its released checkpoints store them, each expert's w1, w2, w3 apart.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, MixtralConfig
 
     from slimformer.models.loading import resolve_alias, gguf_checkpoint
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_checkpoint(resolve_alias("smollm2-135m")))
-    config = LlamaConfig(**{**shape, "num_hidden_layers": layers}, vocab_size=len(tokenizer),
-                         max_position_embeddings=4096, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    moe = "num_local_experts" in shape
+    config = (MixtralConfig if moe else LlamaConfig)(
+        **{**shape, "num_hidden_layers": layers}, vocab_size=len(tokenizer), max_position_embeddings=4096,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config.dtype = torch.bfloat16
     folder.mkdir(parents=True)
     h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads * (h_d := config.hidden_size // config.num_attention_heads)
     block = {"self_attn.q_proj.weight": (h, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
-             "self_attn.o_proj.weight": (h, h), "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h),
-             "mlp.down_proj.weight": (h, i), "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+             "self_attn.o_proj.weight": (h, h), "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
+    if moe:
+        block["block_sparse_moe.gate.weight"] = (config.num_local_experts, h)
+        for e in range(config.num_local_experts):
+            block.update({f"block_sparse_moe.experts.{e}.w1.weight": (i, h), f"block_sparse_moe.experts.{e}.w3.weight": (i, h),
+                          f"block_sparse_moe.experts.{e}.w2.weight": (h, i)})
+    else:
+        block.update({"mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)})
     gen = torch.Generator().manual_seed(0)
     weight_map, total, start = {}, 0, time.perf_counter()
     n = layers + 1
     for k in range(n):
         if k < layers:
             tensors = {f"model.layers.{k}.{name}": (torch.ones(s) if len(s) == 1 else
-                                                     torch.randn(s, generator=gen) * (0.02 if "down" not in name else 0.01))
+                                                     torch.randn(s, generator=gen) * (0.01 if "down" in name or "w2" in name else 0.02))
                        for name, s in block.items()}
         else:
             v = config.vocab_size
@@ -88,12 +104,13 @@ def write_checkpoint(folder: Path, shape: dict, layers: int) -> dict:
 def child(spec: dict) -> None:
     """One streamed method run (in its own process): prints a JSON line with its figures."""
     from slimformer.machine import peak_rss_gib
-    from slimformer.methods import GPTQConfig, WandaConfig
+    from slimformer.methods import ExpertPruneConfig, GPTQConfig, WandaConfig
     from slimformer.methods.memory import parse_size
     from slimformer.recipes import Calibration, Measure, Recipe, run_streamed
 
     torch.set_num_threads(spec["threads"])
-    config = {"wanda": WandaConfig(sparsity=0.5), "gptq": GPTQConfig(bits=4, group_size=128)}[spec["method"]]
+    config = {"wanda": WandaConfig(sparsity=0.5), "gptq": GPTQConfig(bits=4, group_size=128),
+              "expert-prune": ExpertPruneConfig(ratio=0.25)}[spec["method"]]
     recipe = Recipe(steps=(config,), model=spec["model"], calibration=Calibration("wikitext2:valid", spec["nsamples"],
                                                                                    spec["seqlen"]),
                     measure=Measure(ppl_windows=0, speed=False))
@@ -170,7 +187,7 @@ def run_rows(label: str, figures: dict, layers: int) -> list[tuple[str, str]]:
             *([(f"{label}: largest RSS while block k runs", rss_row(figures["rss_by_block_gib"], layers))]
               if figures.get("rss_by_block_gib") else []),
             (f"{label}: output", f"{figures['output_gb']:.1f} GB; " +
-             "; ".join(f"{k.split('layers.')[1]}: {v}" for k, v in figures["output"].items()))]
+             "; ".join(f"{k.split('layers.')[-1]}: {v}" for k, v in figures["output"].items()))]
 
 
 def rss_row(trace: dict, layers: int) -> str:
@@ -184,9 +201,19 @@ def rss_row(trace: dict, layers: int) -> str:
 
 
 def check_output(folder: Path, method: str, layers: int) -> dict:
-    """Sparsity or bit width of a few output tensors (first, middle and last block)."""
+    """Sparsity or bit width of a few output tensors (first, middle and last block); experts left per block."""
     index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
     found = {}
+    if method == "expert-prune":
+        config = json.loads((folder / "config.json").read_text())
+        for k in sorted({0, layers // 2, layers - 1}):
+            prefix = f"model.layers.{k}.block_sparse_moe."
+            experts = {key.split(".")[5] for key in index if key.startswith(prefix + "experts.")}
+            with safe_open(folder / index[prefix + "gate.weight"], "pt") as f:
+                router = list(f.get_tensor(prefix + "gate.weight").shape)
+            found[f"model.layers.{k}.block_sparse_moe"] = {"experts": len(experts), "router": router}
+        found["config"] = {"num_local_experts": config["num_local_experts"]}
+        return found
     for k in sorted({0, layers // 2, layers - 1}):
         for proj in ("self_attn.q_proj", "mlp.down_proj"):
             name = f"model.layers.{k}.{proj}"

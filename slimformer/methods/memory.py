@@ -135,14 +135,17 @@ def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[
         terms["method"] += linear_numel  # the int8 codes of the block's finished projections
     if isinstance(config, ExpertFields):
         # a MoE block's inputs, flattened to tokens and joined, then at most max_tokens of them scored: merging
-        # runs every expert on them, the output criterion keeps a few block outputs
+        # runs every expert on them, the output criterion keeps a few block outputs; the experts kept or merged
+        # are new tensors, made one stacked parameter at a time while the old one is still there
         tokens = min(n * s, config.max_tokens)
-        experts = max((router_weight(m).shape[0] for m in moe_modules_within(moe_modules(adapter.model), block).values()),
-                      default=0)
+        moes = moe_modules_within(moe_modules(adapter.model), block).values()
+        experts = max((router_weight(m).shape[0] for m in moes), default=0)
         scored = experts if isinstance(config, ExpertMergeConfig) else 3
-        terms["method"] = 2 * n * s * hidden * 4 + scored * tokens * hidden * 4
-    if stream.conversion is not None:  # a block's tensors as stored, and stacked, before the cast to the compute dtype
-        terms["convert"] = 2 * block_bytes * stream.source_bits // torch.finfo(stream.dtype).bits
+        largest_param = max((p.numel() for m in moes for p in m.parameters()), default=0)
+        terms["method"] = 2 * n * s * hidden * 4 + scored * tokens * hidden * 4 + \
+            largest_param * torch.finfo(stream.dtype).bits // 8
+    if stream.convert_bytes:  # a converted tensor's sources and their join, as stored, while a block is read
+        terms["convert"] = stream.convert_bytes
     if isinstance(config, SLEBConfig):
         states = (len(adapter.blocks) + 1) * resident * s * hidden * 4  # the hidden state entering every kept block
         terms["method"] = states + int(config.cache_gib * 2**30)

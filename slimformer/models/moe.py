@@ -334,7 +334,7 @@ def keep_experts(block: torch.nn.Module, keep: Sequence[int]) -> None:
     index = torch.tensor(keep)
     for module, name in _expert_params(block):
         p = getattr(module, name)
-        setattr(module, name, torch.nn.Parameter(p.data.index_select(0, index.to(p.device)).clone(),
+        setattr(module, name, torch.nn.Parameter(p.data.index_select(0, index.to(p.device)),  # a new tensor
                                                  requires_grad=p.requires_grad))
     _set_count(block, len(keep))
 

@@ -138,25 +138,36 @@ class Conversion:
         self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
 
-    def to_model(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The model's tensors made of checkpoint ``tensors`` (all of what one block stores)."""
+    def to_model(self, keys: Iterable[str], read, cast=lambda t: t, release=lambda: None) -> dict[str, torch.Tensor]:
+        """The model's tensors made of the checkpoint tensors ``keys`` (all one block stores), passed through ``cast``.
+
+        One target at a time: its sources are read (``read(key)``, then ``release()``, which may
+        unmap the pages read), joined, let go, then cast, so beyond what is already cast the
+        memory is one target's sources and their join.
+        """
         import copy
 
         from transformers.core_model_loading import WeightRenaming, apply_converters, apply_renamings, dot_natural_key
 
         by_pattern = {k: c for c in self.converters for k in c.source_patterns}
-        transforms = {}
-        for key, tensor in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):
+        targets: dict[str, tuple[Any, list[tuple[str, str]]]] = {}
+        for key in sorted(keys, key=dot_natural_key):
             renamed, pattern = apply_converters(apply_renamings(key, self.renamings), self.converters)
             if pattern is None:
-                transform, pattern = transforms.setdefault(renamed, WeightRenaming(key, renamed)), key
+                targets.setdefault(renamed, (WeightRenaming(key, renamed), []))[1].append((key, key))
             else:  # each target gets its own converter, which collects its sources
-                transform = transforms.setdefault(renamed, copy.deepcopy(by_pattern[pattern]))
-            transform.add_tensor(renamed, key, pattern, tensor)
+                targets.setdefault(renamed, (copy.deepcopy(by_pattern[pattern]), []))[1].append((key, pattern))
         out = {}
-        for name, transform in transforms.items():
-            for target, value in transform.convert(name, model=self.model, config=self.model.config).items():
-                out[target] = value[0] if isinstance(value, list) else value
+        while targets:
+            name, (transform, sources) = targets.popitem()
+            for key, pattern in sources:
+                transform.add_tensor(name, key, pattern, read(key))
+            release()
+            made = transform.convert(name, model=self.model, config=self.model.config)
+            del transform  # it holds the sources
+            for target, value in made.items():
+                out[target] = cast(value[0] if isinstance(value, list) else value)
+            del made
         return out
 
     def to_checkpoint(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -272,6 +283,7 @@ class Stream:
         self.written: dict[int, tuple[int, str]] = {}  # id(block) -> (index written at, file)
         self.spill = False  # calibration activations on disk (DiskStates) instead of in memory
         self.conversion: Conversion | None = None  # set when the checkpoint names block tensors otherwise
+        self.convert_bytes = 0  # the most a block's read holds beyond the block itself, through the conversion
         self._spilled = itertools.count()
         self._check_names()
         self._start(resume)
@@ -294,13 +306,15 @@ class Stream:
         if not missing:
             return
         self.conversion = Conversion(self.model)
-        self.source_bits = max(self.source.bits(k) for k in self.keys_of[self.source_of[id(missing[0][0])]])
         for block in {id(b): b for b, _ in missing}.values():
             src = self.source_of[id(block)]
             try:
-                found = self.conversion.to_model({k: self.source.meta(k) for k in self.keys_of.get(src, [])})
+                found = self.conversion.to_model(self.keys_of.get(src, []), self.source.meta)
             except Exception:  # a transform that does not fit this checkpoint
                 found = {}
+            bits = max(self.source.bits(k) for k in self.keys_of.get(src, [])) if found else 0
+            # reading a converted tensor holds its sources and their join, both as stored
+            self.convert_bytes = max(self.convert_bytes, max((2 * t.numel() * bits // 8 for t in found.values()), default=0))
             for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
                 if src + name not in found or found[src + name].shape != tensor.shape:
                     raise SlimformerError(f"streaming cannot find '{src + name}' in {self.source.folder}, under that "
@@ -424,9 +438,10 @@ class Stream:
             for name, _ in [*block.named_parameters(), *block.named_buffers()]:
                 _assign(block, name, self.source.read(src + name).to(self.dtype))
         else:
-            found = self.conversion.to_model({k: self.source.read(k) for k in self.keys_of[src]})
+            found = self.conversion.to_model(self.keys_of[src], self.source.read, lambda t: t.to(self.dtype),
+                                             self.source.close)
             for name, _ in [*block.named_parameters(), *block.named_buffers()]:
-                _assign(block, name, found.pop(src + name).to(self.dtype))
+                _assign(block, name, found.pop(src + name))
             del found
         self.source.close()
 
