@@ -230,6 +230,20 @@ def test_moe_checkpoints_stream_through_transformers_conversion(tmp_path, family
         json.loads((tmp_path / "mem" / "config.json").read_text())
 
 
+def test_the_estimate_counts_the_conversion_and_the_new_expert_tensors(tmp_path):
+    source = save_model(tiny_moe("mixtral"), tiny_tokenizer(), tmp_path / "src")
+    loaded = load_streamed(str(source), tmp_path / "out")
+    stream, block = stream_of(loaded.adapter), loaded.adapter.blocks[0]
+    gate_up = block.mlp.experts.gate_up_proj  # 6 experts' w1 and w3 stored apart, float32
+    assert stream.convert_bytes == 2 * gate_up.numel() * 4
+    plain = estimate_peak(loaded.adapter, WandaConfig(sparsity=0.5), 4, 16)
+    pruned = estimate_peak(loaded.adapter, ExpertPruneConfig(keep=3), 4, 16)
+    assert pruned["method"] - 2 * 4 * 16 * 32 * 4 - 3 * 64 * 32 * 4 == gate_up.numel() // 2 * 4
+    for terms in (plain, pruned):  # the read comes before the pass, the method and the write
+        assert terms["convert"] == max(0, stream.convert_bytes - terms["pass"] - terms["method"] - terms["write"])
+    stream.abandon()
+
+
 def test_a_resumed_expert_merge_reports_and_writes_what_an_uninterrupted_one_does(tmp_path, monkeypatch):
     source = save_model(tiny_moe("mixtral"), tiny_tokenizer(), tmp_path / "src")
     config, samples = ExpertMergeConfig(keep=3), random_ids(4, 16)

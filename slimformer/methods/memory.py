@@ -142,13 +142,16 @@ def estimate_peak(adapter: Adapter, config, nsamples: int, seqlen: int) -> dict[
         experts = max((router_weight(m).shape[0] for m in moes), default=0)
         scored = experts if isinstance(config, ExpertMergeConfig) else 3
         largest_param = max((p.numel() for m in moes for p in m.parameters()), default=0)
+        kept = config.kept(experts) / experts if experts else 0
         terms["method"] = 2 * n * s * hidden * 4 + scored * tokens * hidden * 4 + \
-            largest_param * torch.finfo(stream.dtype).bits // 8
-    if stream.convert_bytes:  # a converted tensor's sources and their join, as stored, while a block is read
-        terms["convert"] = stream.convert_bytes
+            int(largest_param * kept) * torch.finfo(stream.dtype).bits // 8
     if isinstance(config, SLEBConfig):
         states = (len(adapter.blocks) + 1) * resident * s * hidden * 4  # the hidden state entering every kept block
         terms["method"] = states + int(config.cache_gib * 2**30)
+    if stream.convert_bytes:
+        # a converted tensor's sources and their join, as stored, while a block is read: before any pass, so
+        # only what it needs beyond the pass, the method and the write, which come after it, adds to the peak
+        terms["convert"] = max(0, stream.convert_bytes - terms["pass"] - terms["method"] - terms["write"])
     # the capture pass, before the embedding is dropped, holds it and the block inputs only
     terms["total"] = max(sum(terms.values()), now + terms["activations"] // 2)
     return terms
