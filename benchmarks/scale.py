@@ -6,7 +6,9 @@ calibration text tokenizes) one block-shard at a time, never whole in memory; th
 runs streamed (``slimformer run --max-memory``-style, in a fresh process so its peak RSS is its
 own) and the output's sparsity or bit width is checked from a few tensors. Everything it wrote is
 removed at the end. Disk needed: the checkpoint (≈ 26 GB) plus the largest output (Wanda's
-bfloat16 copy, ≈ 26 GB; each output is deleted before the next method runs).
+bfloat16 copy, ≈ 26 GB; each output is deleted before the next method runs). Mixtral-8x7B shapes
+(experts stored apart, as its checkpoints store them) take 2.9 GB a block, and as much again for
+each block of the output.
 A method run again replaces its row in the result; the other methods' rows are kept, so
 methods measured in separate invocations on the same shapes share one table.
 
