@@ -6,7 +6,9 @@ A :class:`Stream` is built on a checkpoint folder (one ``model.safetensors`` or 
 read; a block's weights are read from the memory-mapped shards when the block runner needs it
 (:meth:`Stream.load`) and dropped again (:meth:`Stream.release`). A finished block is written
 to its own output shard at once (:meth:`Stream.write`), so the resident memory is one block,
-the calibration activations and what the method keeps.
+the calibration activations and what the method keeps. Checkpoints that store a block's tensors
+otherwise than the model holds them (MoE experts, stacked by transformers as it loads) are read
+and written through transformers' own conversion, one block at a time (:class:`Conversion`).
 
 Everything is written into a work folder beside the output (``.NAME.streaming``), which also
 holds the progress of the block runner (the next block, the hidden states entering it, what
@@ -15,7 +17,10 @@ the memory budget either, they go to disk too (:class:`DiskStates`, ``Stream.spi
 per batch, read when that batch runs. A run that stops resumes there when it is
 started again with the same job; :meth:`Stream.commit` writes the rest (blocks never run,
 embeddings, head, config, tokenizer, the index as ``save_pretrained`` writes it) and renames
-the folder into place, so an unfinished run never leaves a model at the output path.
+the folder into place, so an unfinished run never leaves a model at the output path. A run
+killed at any point (``SIGKILL`` included) resumes: every file appears by a rename, the block
+shards stay in the work folder until the progress file is gone, and temporaries a kill left
+are removed on resume.
 """
 
 from __future__ import annotations
