@@ -270,7 +270,7 @@ def test_cli_experts_streams_a_moe_model(tmp_path, capsys):
     text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
     common = ["experts", str(source), "--keep", "4", "--calib", str(text), "--nsamples", "4", "--seqlen", "16"]
     assert main([*common, "--out", str(tmp_path / "mem")]) == 0
-    assert main([*common, "--max-memory", "2GiB", "--out", str(tmp_path / "str")]) == 0
+    assert main([*common, "--max-memory", "16GiB", "--out", str(tmp_path / "str")]) == 0
     assert "streamed within --max-memory" in capsys.readouterr().out
     assert_same_weights(tmp_path / "mem", tmp_path / "str")
     assert load_model(str(tmp_path / "str")).model.config.num_experts == 4
@@ -381,6 +381,8 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+# Streamed runs inside the test process get a budget far above what the tiny models need: the
+# estimate starts from this process's resident memory, which depends on the tests run before.
 @pytest.fixture(scope="module")
 def wanda_runs(tmp_path_factory):
     """A tiny Llama, calibration text, and the CLI's Wanda run on it in memory and streamed uninterrupted."""
@@ -389,9 +391,9 @@ def wanda_runs(tmp_path_factory):
     text = folder / "calib.txt"
     text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
     args = ["prune", str(source), "--method", "wanda", "--calib", str(text), "--nsamples", "4", "--seqlen", "16"]
-    for out, extra in (("mem", []), ("str", ["--max-memory", "2GiB"])):
+    for out, extra in (("mem", []), ("str", ["--max-memory", "16GiB"])):
         assert main([*args, *extra, "--out", str(folder / out)]) == 0
-    return folder, [*args, "--max-memory", "2GiB"]
+    return folder, [*args, "--max-memory", "16GiB"]
 
 
 @pytest.mark.parametrize("where,count,resumed_at", [("block-00002.safetensors", 1, 2), ("progress.json", 3, 1),
@@ -422,7 +424,7 @@ def test_streamed_sparse_out_is_a_sharded_bitmask_copy_of_the_output(source, tmp
     text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
     recipe = {"model": str(source), "steps": [{"method": "sparsegpt", "pattern": "2:4"}],
               "calibration": {"source": str(text), "nsamples": 4, "seqlen": 16}, "measure": {"ppl_windows": 0}}
-    summary = run_streamed(recipe, tmp_path / "dense", max_memory=2**31, sparse_out=tmp_path / "sparse",
+    summary = run_streamed(recipe, tmp_path / "dense", max_memory=2**34, sparse_out=tmp_path / "sparse",
                            progress=False)
     sparse = tmp_path / "sparse"
     assert summary["sparse_out"] == str(sparse) and (sparse / INDEX).exists()
@@ -436,7 +438,7 @@ def test_streamed_sparse_out_is_a_sharded_bitmask_copy_of_the_output(source, tmp
         sum(f.stat().st_size for f in (tmp_path / "dense").glob("*.safetensors"))
     with pytest.raises(SlimformerError, match="quantized output has no sparse-bitmask form"):
         run_streamed({**recipe, "steps": [{"method": "gptq", "bits": 4, "group_size": 16}]}, tmp_path / "q",
-                     max_memory=2**31, sparse_out=tmp_path / "qs", progress=False)
+                     max_memory=2**34, sparse_out=tmp_path / "qs", progress=False)
     assert not (tmp_path / "q").exists() and not (tmp_path / "qs").exists()
 
 
