@@ -47,7 +47,6 @@ SHAPES = {"13b": dict(hidden_size=5120, intermediate_size=13824, num_attention_h
           # Mixtral-8x7B: 8 experts of the 7B FFN per block, each token routed to 2; ≈ 2.9 GB a block in bfloat16
           "mixtral-8x7b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                                num_hidden_layers=32, num_local_experts=8, num_experts_per_tok=2)}
-METHODS = ("wanda", "gptq", "expert-prune")
 
 
 def write_checkpoint(folder: Path, shape: dict, layers: int) -> dict:

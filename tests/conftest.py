@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -101,15 +103,20 @@ def random_ids(n: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
+def calibration_text(folder: Path) -> Path:
+    """``folder/calib.txt``: 400 words of the tiny vocabulary, a calibration source for the CLI."""
+    text = Path(folder) / "calib.txt"
+    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
+    return text
+
+
 @pytest.fixture
 def saved_tiny(tmp_path):
     """A tiny Llama saved with its tokenizer in ``tmp_path/m``, and 400 words of calibration text."""
     from slimformer import save_model
 
     path = save_model(tiny_model("llama"), tiny_tokenizer(), tmp_path / "m")
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
-    return path, text
+    return path, calibration_text(tmp_path)
 
 
 @pytest.fixture(params=list(TINY_CONFIGS))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import MOE_FAMILIES, VOCAB, random_ids, tiny_model, tiny_moe, tiny_tokenizer
+from conftest import MOE_FAMILIES, calibration_text, random_ids, tiny_model, tiny_moe, tiny_tokenizer
 from slimformer import get_adapter
 from slimformer.cli import main
 from slimformer.errors import SlimformerError
@@ -266,8 +266,7 @@ def test_a_resumed_expert_merge_reports_and_writes_what_an_uninterrupted_one_doe
 
 def test_cli_experts_streams_a_moe_model(tmp_path, capsys):
     source = save_model(tiny_moe("qwen3_moe"), tiny_tokenizer(), tmp_path / "src")
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
+    text = calibration_text(tmp_path)
     common = ["experts", str(source), "--keep", "4", "--calib", str(text), "--nsamples", "4", "--seqlen", "16"]
     assert main([*common, "--out", str(tmp_path / "mem")]) == 0
     assert main([*common, "--max-memory", "16GiB", "--out", str(tmp_path / "str")]) == 0
@@ -280,8 +279,7 @@ def test_a_checkpoint_missing_a_block_tensor_is_refused_before_any_work(source, 
     weights = load_file(source / "model.safetensors")
     del weights["model.layers.1.mlp.up_proj.weight"]
     save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
+    text = calibration_text(tmp_path)
     capsys.readouterr()
     code = main(["prune", str(source), "--method", "wanda", "--calib", str(text), "--nsamples", "2", "--seqlen", "16",
                  "--max-memory", "2GiB", "--out", str(tmp_path / "out")])
@@ -328,8 +326,7 @@ def cli(*args, cwd):
 
 
 def test_cli_max_memory_refuses_a_budget_too_small_and_leaves_nothing(source, tmp_path):
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
+    text = calibration_text(tmp_path)
     common = [str(source), "--calib", str(text), "--nsamples", "4", "--seqlen", "16"]
     run = cli("quantize", *common, "--method", "gptq", "--group-size", "16", "--max-memory", "10MiB",
               "--out", "q", cwd=tmp_path)
@@ -388,8 +385,7 @@ def wanda_runs(tmp_path_factory):
     """A tiny Llama, calibration text, and the CLI's Wanda run on it in memory and streamed uninterrupted."""
     folder = tmp_path_factory.mktemp("killed")
     source = save_model(tiny_model("llama"), tiny_tokenizer(), folder / "src")
-    text = folder / "calib.txt"
-    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
+    text = calibration_text(folder)
     args = ["prune", str(source), "--method", "wanda", "--calib", str(text), "--nsamples", "4", "--seqlen", "16"]
     for out, extra in (("mem", []), ("str", ["--max-memory", "16GiB"])):
         assert main([*args, *extra, "--out", str(folder / out)]) == 0
@@ -420,8 +416,7 @@ def test_streamed_sparse_out_is_a_sharded_bitmask_copy_of_the_output(source, tmp
     """--sparse-out with --max-memory converts the streamed output shard by shard; it loads with the same weights."""
     from slimformer.recipes import run_streamed
 
-    text = tmp_path / "calib.txt"
-    text.write_text(" ".join(f"w{(i * 11) % VOCAB}" for i in range(400)))
+    text = calibration_text(tmp_path)
     recipe = {"model": str(source), "steps": [{"method": "sparsegpt", "pattern": "2:4"}],
               "calibration": {"source": str(text), "nsamples": 4, "seqlen": 16}, "measure": {"ppl_windows": 0}}
     summary = run_streamed(recipe, tmp_path / "dense", max_memory=2**34, sparse_out=tmp_path / "sparse",

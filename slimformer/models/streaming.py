@@ -258,6 +258,11 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
         owner._buffers[attr] = value
 
 
+def _tensors_of(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``module``'s parameters and buffers by name: what a checkpoint stores of it."""
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
 def is_loaded(module: nn.Module) -> bool:
     """Whether ``module``'s weights are in memory (not on the meta device)."""
     return not any(t.is_meta for t in [*module.parameters(), *module.buffers()])
@@ -301,26 +306,22 @@ class Stream:
         Refuses, before any work, a checkpoint that stores a block tensor neither under the model's
         own name nor under one :class:`Conversion` maps to it with the model's shape.
         """
-        keys: dict[str, list[str]] = {}
-        for key in self.source.file_of:
-            prefix = key.split(".")
-            keys.setdefault(".".join(prefix[:len(self.adapter.block_prefix.split(".")) + 1]) + ".", []).append(key)
-        self.keys_of = keys
-        missing = [(block, src + name) for block in self.adapter.blocks for src in [self.source_of[id(block)]]
-                   for name, _ in [*block.named_parameters(), *block.named_buffers()] if src + name not in self.source]
-        if not missing:
+        unnamed = [block for block in self.adapter.blocks
+                   if any(self.source_of[id(block)] + name not in self.source for name, _ in _tensors_of(block))]
+        if not unnamed:
             return
         self.conversion = Conversion(self.model)
-        for block in {id(b): b for b, _ in missing}.values():
+        self.keys_of = {src: [k for k in self.source.file_of if k.startswith(src)] for src in self.source_of.values()}
+        for block in unnamed:
             src = self.source_of[id(block)]
             try:
-                found = self.conversion.to_model(self.keys_of.get(src, []), self.source.meta)
+                found = self.conversion.to_model(self.keys_of[src], self.source.meta)
             except Exception:  # a transform that does not fit this checkpoint
                 found = {}
-            bits = max(self.source.bits(k) for k in self.keys_of.get(src, [])) if found else 0
+            bits = max(self.source.bits(k) for k in self.keys_of[src]) if found else 0
             # reading a converted tensor holds its sources and their join, both as stored
             self.convert_bytes = max(self.convert_bytes, max((2 * t.numel() * bits // 8 for t in found.values()), default=0))
-            for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+            for name, tensor in _tensors_of(block):
                 if src + name not in found or found[src + name].shape != tensor.shape:
                     raise SlimformerError(f"streaming cannot find '{src + name}' in {self.source.folder}, under that "
                                           f"name or one transformers converts to it: run without --max-memory")
@@ -440,12 +441,12 @@ class Stream:
             return
         src = self.source_of[id(block)]
         if self.conversion is None:
-            for name, _ in [*block.named_parameters(), *block.named_buffers()]:
+            for name, _ in _tensors_of(block):
                 _assign(block, name, self.source.read(src + name).to(self.dtype))
         else:
             found = self.conversion.to_model(self.keys_of[src], self.source.read, lambda t: t.to(self.dtype),
                                              self.source.close)
-            for name, _ in [*block.named_parameters(), *block.named_buffers()]:
+            for name, _ in _tensors_of(block):
                 _assign(block, name, found.pop(src + name))
             del found
         self.source.close()
